@@ -1,0 +1,23 @@
+# The README's two commands. Both run the idempotent set-up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test test-slow bench lint
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	$(PY) -m intraneuron $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+bench: setup
+	$(PY) benchmarks/extraction.py
+
+lint: setup
+	$(VENV)/bin/ruff check intraneuron tests benchmarks

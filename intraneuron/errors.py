@@ -1,0 +1,19 @@
+"""Errors a researcher can act on: each names the config key, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. Raised before any heavy work starts."""
+
+    def __init__(self, key: str, value: object, allowed: str | Iterable[object]):
+        if not isinstance(allowed, str):
+            allowed = "one of " + ", ".join(repr(a) for a in allowed)
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+class MissingAssetError(FileNotFoundError):
+    """A file the run needs (model, corpus, vendored data) is not where it should be."""

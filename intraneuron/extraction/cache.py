@@ -1,0 +1,92 @@
+"""Content-addressed, atomically written, checksum-verified cache of activation profiles.
+
+The key hashes everything that changes the numbers (model fingerprint and dtype, corpus content
+hash, window length, layer, sites, reducer settings, engine version) and nothing else, so a sweep
+over analysis-only settings (thresholds, clustering, segmentation) extracts once. An entry is a
+folder `<root>/profiles/<key>/` holding `profile.safetensors` and `manifest.json`; it appears by
+a single directory rename, so a crash never leaves a half-written entry under a valid key, and a
+corrupt one (checksum mismatch, unreadable) is deleted and rebuilt rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from importlib.metadata import version
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from intraneuron.extraction.profile import ActivationProfile
+
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = 1  # bump when a change to the engine changes the numbers it writes
+
+
+def cache_key(fields: dict) -> str:
+    canonical = json.dumps({**fields, "engine_version": ENGINE_VERSION}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ProfileCache:
+    def __init__(self, root: Path):
+        self.root = Path(root) / "profiles"
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str) -> ActivationProfile | None:
+        """The cached profile, or None when absent; a corrupt entry is removed (and None returned)."""
+        entry = self.entry(key)
+        if not entry.exists():
+            return None
+        try:
+            manifest = json.loads((entry / "manifest.json").read_text())
+            tensor_file = entry / "profile.safetensors"
+            if file_sha256(tensor_file) != manifest["sha256"]:
+                raise ValueError("checksum mismatch")
+            tensors = load_file(tensor_file)
+            return ActivationProfile(tensors=tensors, **manifest["profile"])
+        except Exception as err:  # any damage means: rebuild
+            log.warning("cache entry %s is corrupt (%s); removing it and rebuilding", entry, err)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+
+    def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            tensor_file = tmp / "profile.safetensors"
+            save_file({k: v.contiguous().cpu() for k, v in profile.tensors.items()}, tensor_file)
+            manifest = {
+                "key": key,
+                "key_fields": key_fields,
+                "engine_version": ENGINE_VERSION,
+                "profile": profile.metadata(),
+                "sha256": file_sha256(tensor_file),
+                "versions": {p: version(p) for p in ("torch", "transformers", "safetensors")},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            final = self.entry(key)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process wrote the same key first: theirs is as good
+                shutil.rmtree(tmp, ignore_errors=True)
+            return final
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
