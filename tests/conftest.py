@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random models with real tokenizers and small real-text token windows.
+
+Nothing here downloads: models are built in-process, tokenizers and text come from installed packages.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import BUILDERS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict:
+    """arch name -> directory of a saved tiny random model (built once per session, lazily)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+
+    class Dirs(dict):
+        def __missing__(self, arch):
+            self[arch] = BUILDERS[arch](root / arch)
+            return self[arch]
+
+    return Dirs()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_model_dirs):
+    from intraneuron.models.loading import load_model
+
+    return load_model(str(tiny_model_dirs["gpt2"]))
+
+
+@pytest.fixture(scope="session")
+def austen_text() -> str:
+    """The opening of Emma: real English for tokenisers (about 6k GPT-2 tokens)."""
+    from intraneuron.corpus import austen
+
+    return next(iter(austen()))[:30_000]
+
+
+@pytest.fixture(scope="session")
+def small_windows(tmp_path_factory, tiny_gpt2, austen_text):
+    from intraneuron.corpus import build_windows
+
+    return build_windows(
+        [austen_text], tiny_gpt2.tokenizer, window_len=32, max_tokens=2048,
+        cache_root=tmp_path_factory.mktemp("corpus-cache"), source_key="emma-opening",
+    )
