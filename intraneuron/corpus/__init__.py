@@ -1,0 +1,37 @@
+"""Text sources -> fixed-length, content-hashed token windows (the corpus every extraction reads)."""
+
+from intraneuron.corpus.sources import (
+    DEFAULT_SOURCE,
+    PROVENANCE,
+    SOURCES,
+    austen,
+    gutenberg_novels,
+    hf_dataset,
+    load_source,
+    source_key,
+    text_files,
+)
+from intraneuron.corpus.windows import (
+    TokenWindows,
+    build_windows,
+    decode_context,
+    text_sha256,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "DEFAULT_SOURCE",
+    "PROVENANCE",
+    "SOURCES",
+    "TokenWindows",
+    "austen",
+    "build_windows",
+    "decode_context",
+    "gutenberg_novels",
+    "hf_dataset",
+    "load_source",
+    "source_key",
+    "text_files",
+    "text_sha256",
+    "tokenizer_fingerprint",
+]
