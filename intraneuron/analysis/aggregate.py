@@ -1,0 +1,164 @@
+"""Step 10: layer-level summaries of the per-neuron rows, as flat MLflow-ready metrics.
+
+Keys are stable ("<part>/<statistic>[/<summary>]") and present whatever the data; a statistic
+with no usable neuron is NaN. BH over neurons, the Wilcoxon test of H_top - H_rest and the sign
+test of z_top > 0 are our proposals (paper_methods.md 1.4 steps 8 and 10), not the paper's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from intraneuron.errors import ConfigError
+
+# metric name -> row column; each gets mean, median, quantiles and the count of finite values.
+DISTRIBUTIONS: dict[str, str] = {
+    "topdown/n_categories": "n_categories",
+    "topdown/epsilon2": "epsilon2",
+    "topdown/diff_rate": "diff_rate",
+    "topdown/level_rho": "level_rho",
+    "topdown/overlap_mean": "overlap_mean",
+    "topdown/overlap_frac_positive": "overlap_frac_positive",
+    "topdown/interleaving_mean": "interleaving_mean",
+    "bottomup/h_all": "h_all",
+    "bottomup/h_top_minus_rest": "h_top_minus_rest",
+    "bottomup/z_top": "z_top",
+    "bottomup/trend_rho": "trend_rho",
+    "bottomup/successive_z": "successive_z",
+    "homomorphism/ari": "ari",
+    "homomorphism/nmi": "nmi",
+    "homomorphism/mantel_rho": "mantel_rho",
+}
+QUANTILES = (0.1, 0.25, 0.75, 0.9)
+
+
+def distribution(values: pd.Series | np.ndarray) -> dict[str, float]:
+    """mean, median, q10, q25, q75, q90 and n over the finite values (NaN when there are none)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    keys = ["mean", "median", *(f"q{round(q * 100):02d}" for q in QUANTILES)]
+    if values.size == 0:
+        return {**dict.fromkeys(keys, np.nan), "n": 0.0}
+    return {
+        "mean": float(values.mean()),
+        "median": float(np.median(values)),
+        **{f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES},
+        "n": float(values.size),
+    }
+
+
+def significant_fraction(p_values: pd.Series | np.ndarray, alpha: float, bh: bool) -> float:
+    """Fraction of finite p-values below alpha, after Benjamini-Hochberg across them if bh."""
+    p = np.asarray(p_values, dtype=np.float64)
+    p = p[np.isfinite(p)]
+    if p.size == 0:
+        return np.nan
+    if bh:
+        p = stats.false_discovery_control(p, method="bh")
+    return float(np.mean(p < alpha))
+
+
+def aggregate_layer(rows: pd.DataFrame, alpha: float = 0.05) -> dict[str, float]:
+    """Layer metrics from the per-neuron rows (columns of `neuron.ROW_KEYS`) of one layer."""
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError("analysis.alpha", alpha, "a level in (0, 1)")
+    n = len(rows)
+    analysed = rows[_blank(rows, "skipped")]
+    with_topdown = analysed[_blank(analysed, "topdown_skipped")]
+    metrics: dict[str, float] = {
+        "neurons/n": float(n),
+        "neurons/analysed": float(len(analysed)),
+        "neurons/skipped_frac": float((n - len(analysed)) / n) if n else np.nan,
+        "neurons/topdown_skipped_frac": (
+            float((len(analysed) - len(with_topdown)) / len(analysed)) if len(analysed) else np.nan
+        ),
+    }
+    for name, column in DISTRIBUTIONS.items():
+        for stat, value in distribution(_column(analysed, column)).items():
+            metrics[f"{name}/{stat}"] = value
+
+    metrics["topdown/kruskal_sig_frac"] = significant_fraction(
+        _column(with_topdown, "kruskal_p"), alpha, bh=False
+    )
+    metrics["topdown/kruskal_sig_frac_bh"] = significant_fraction(
+        _column(with_topdown, "kruskal_p"), alpha, bh=True
+    )
+    metrics["topdown/anova_sig_frac"] = significant_fraction(
+        _column(with_topdown, "anova_p"), alpha, bh=False
+    )
+    level = _finite(_column(with_topdown, "level_rho"))
+    # The paper's "differentiation particularly for clusters with lower mean activation".
+    metrics["topdown/low_mean_differ_more_frac"] = float(np.mean(level < 0)) if level.size else np.nan
+
+    metrics["bottomup/top_sig_frac"] = significant_fraction(_column(analysed, "p_top"), alpha, bh=False)
+    metrics["bottomup/top_sig_frac_bh"] = significant_fraction(_column(analysed, "p_top"), alpha, bh=True)
+    metrics.update(_paired_top_rest(analysed))
+    metrics.update(_sign_test(_column(analysed, "z_top")))
+    metrics["bottomup/successive_less_sig_frac_bh"] = significant_fraction(
+        _column(analysed, "successive_p_less"), alpha, bh=True
+    )
+    metrics["homomorphism/mantel_sig_frac_bh"] = significant_fraction(
+        _column(analysed, "mantel_p"), alpha, bh=True
+    )
+    return metrics
+
+
+def compare_layers(rows_a: pd.DataFrame, rows_b: pd.DataFrame) -> dict[str, float]:
+    """Per distribution metric: median(b) - median(a) and a two-sided Mann-Whitney p between the
+    neurons of two layers (e.g. layer 0 against layer 1)."""
+    result: dict[str, float] = {}
+    for name, column in DISTRIBUTIONS.items():
+        a = _finite(_column(rows_a[_blank(rows_a, "skipped")], column))
+        b = _finite(_column(rows_b[_blank(rows_b, "skipped")], column))
+        ok = a.size > 0 and b.size > 0
+        result[f"compare/{name}/median_diff"] = float(np.median(b) - np.median(a)) if ok else np.nan
+        result[f"compare/{name}/mwu_p"] = (
+            float(stats.mannwhitneyu(a, b).pvalue) if ok and np.ptp(np.r_[a, b]) > 0 else np.nan
+        )
+    return result
+
+
+def _paired_top_rest(rows: pd.DataFrame) -> dict[str, float]:
+    """Wilcoxon signed-rank of H_top - H_rest across neurons (two-sided)."""
+    diff = _finite(_column(rows, "h_top") - _column(rows, "h_rest"))
+    result = {
+        "bottomup/wilcoxon_top_rest_n": float(diff.size),
+        "bottomup/wilcoxon_top_rest_stat": np.nan,
+        "bottomup/wilcoxon_top_rest_p": np.nan,
+    }
+    if diff.size and np.any(diff != 0):
+        test = stats.wilcoxon(diff)
+        result["bottomup/wilcoxon_top_rest_stat"] = float(test.statistic)
+        result["bottomup/wilcoxon_top_rest_p"] = float(test.pvalue)
+    return result
+
+
+def _sign_test(z_top: pd.Series) -> dict[str, float]:
+    """Two-sided sign test of z_top > 0 across neurons (zeros dropped)."""
+    z = _finite(z_top)
+    z = z[z != 0]
+    positive = int(np.sum(z > 0))
+    return {
+        "bottomup/sign_test_pos_frac": float(positive / z.size) if z.size else np.nan,
+        "bottomup/sign_test_p": float(stats.binomtest(positive, z.size).pvalue) if z.size else np.nan,
+    }
+
+
+def _column(rows: pd.DataFrame, column: str) -> pd.Series:
+    if column in rows:
+        return pd.to_numeric(rows[column], errors="coerce")
+    return pd.Series(np.nan, index=rows.index, dtype=np.float64)
+
+
+def _blank(rows: pd.DataFrame, column: str) -> pd.Series:
+    """True where the reason column is empty or missing (the neuron was not skipped)."""
+    if column not in rows:
+        return pd.Series(True, index=rows.index)
+    return rows[column].fillna("").astype(str) == ""
+
+
+def _finite(values: pd.Series | np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]

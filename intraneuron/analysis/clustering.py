@@ -1,0 +1,313 @@
+"""Step 4 (top-down): categorical clusters of a neuron's core-token embeddings.
+
+Any estimator with `fit_predict` plugs in through a factory `k -> estimator`, so a Hydra
+`_target_` config of a scikit-learn clusterer works as is (see `clusterer_from_config`).
+The paper says "hierarchical classification" without linkage or K: Ward linkage on L2-normalised
+vectors with K in [2, 8] chosen by the cosine silhouette is our default, not the paper's.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from scipy.cluster import hierarchy
+from scipy.spatial.distance import pdist
+from sklearn.base import BaseEstimator, ClusterMixin
+from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+from sklearn.metrics import silhouette_score
+
+from intraneuron.errors import ConfigError
+
+ClustererFactory = Callable[[int], Any]
+
+# Names under which scikit-learn estimators take their number of clusters.
+_K_PARAMS = ("n_clusters", "n_components")
+
+# Hydra-style presets: `_target_` + constructor kwargs, plus our `normalize` flag (L2-normalise rows
+# before clustering). `clusterer_from_config` turns any of them into (factory, normalize).
+PRESETS: dict[str, dict[str, Any]] = {
+    "ward": {
+        "_target_": "sklearn.cluster.AgglomerativeClustering",
+        "linkage": "ward",
+        "normalize": True,
+    },
+    "average_cosine": {
+        "_target_": "sklearn.cluster.AgglomerativeClustering",
+        "linkage": "average",
+        "metric": "cosine",
+        "normalize": False,
+    },
+    "complete_cosine": {
+        "_target_": "sklearn.cluster.AgglomerativeClustering",
+        "linkage": "complete",
+        "metric": "cosine",
+        "normalize": False,
+    },
+    "kmeans": {
+        "_target_": "sklearn.cluster.KMeans",
+        "n_init": 10,
+        "random_state": 0,
+        "normalize": True,
+    },
+    "spectral_cosine": {
+        "_target_": "intraneuron.analysis.clustering.CosineSpectralClustering",
+        "random_state": 0,
+        "normalize": False,
+    },
+    "hdbscan": {
+        "_target_": "sklearn.cluster.HDBSCAN",
+        "min_cluster_size": 5,
+        "normalize": True,
+    },
+}
+
+
+class CosineSpectralClustering(ClusterMixin, BaseEstimator):
+    """Spectral clustering on the cosine-similarity graph (negative similarities set to 0).
+
+    scikit-learn's `SpectralClustering(affinity="cosine")` fails (NaN Laplacian) as soon as some
+    cosines are negative, which random and real embeddings have.
+    """
+
+    def __init__(self, n_clusters: int = 8, random_state: int | None = 0, n_init: int = 10):
+        self.n_clusters = n_clusters
+        self.random_state = random_state
+        self.n_init = n_init
+
+    def fit(self, X: np.ndarray, y: None = None) -> CosineSpectralClustering:
+        unit = _unit_rows(np.asarray(X, dtype=np.float64))
+        affinity = np.clip(unit @ unit.T, 0.0, None)  # [n, n]
+        self.labels_ = SpectralClustering(
+            n_clusters=self.n_clusters,
+            affinity="precomputed",
+            random_state=self.random_state,
+            n_init=self.n_init,
+        ).fit_predict(affinity)
+        return self
+
+
+@dataclass(frozen=True)
+class CategoryFit:
+    """Category labels of one neuron's core tokens.
+
+    labels: [n_tokens] ints; -1 = no category (HDBSCAN noise, token outside a lexical source).
+    k: number of distinct categories; silhouette: cosine silhouette of the labelled tokens (NaN
+    when undefined); skipped: why the neuron has no top-down analysis (None when it has one).
+    """
+
+    labels: np.ndarray
+    k: int
+    silhouette: float
+    skipped: str | None = None
+
+
+def clusterer_factory(target: str | type, **kwargs: Any) -> ClustererFactory:
+    """Factory `k -> estimator` for a class (or its dotted path) and constructor kwargs.
+
+    The class gets `n_clusters=k` (or `n_components=k`) when its constructor takes one; classes
+    that choose their own K (HDBSCAN, DBSCAN) are built from kwargs alone.
+    """
+    cls = _resolve_class(target)
+    params = inspect.signature(cls.__init__).parameters
+    k_param = next((name for name in _K_PARAMS if name in params), None)
+    for name in _K_PARAMS:
+        if name in kwargs:
+            raise ConfigError(f"clustering.{name}", kwargs[name], "unset: use clustering.n_categories")
+
+    def make(k: int) -> Any:
+        return cls(**kwargs, **({k_param: k} if k_param else {}))
+
+    return make
+
+
+def clusterer_from_config(cfg: Mapping[str, Any]) -> tuple[ClustererFactory, bool]:
+    """(factory, normalize) from a `_target_` config such as one of `PRESETS`."""
+    cfg = dict(cfg)
+    if "_target_" not in cfg:
+        raise ConfigError("clustering._target_", None, "a dotted class path with fit_predict")
+    target = cfg.pop("_target_")
+    normalize = bool(cfg.pop("normalize", True))
+    return clusterer_factory(target, **cfg), normalize
+
+
+def preset_factory(name: str, seed: int | None = None) -> tuple[ClustererFactory, bool]:
+    """(factory, normalize) for a named preset; `seed` overrides random_state where it has one."""
+    if name not in PRESETS:
+        raise ConfigError("clustering.preset", name, sorted(PRESETS))
+    cfg = dict(PRESETS[name])
+    if seed is not None and "random_state" in cfg:
+        cfg["random_state"] = seed
+    return clusterer_from_config(cfg)
+
+
+def validate_k_choice(n_categories: int | None, k_range: tuple[int, int]) -> None:
+    """Raise ConfigError for a fixed K below 2 or a K range that is not 2 <= low <= high."""
+    if n_categories is not None and (
+        not isinstance(n_categories, int | np.integer) or n_categories < 2
+    ):
+        raise ConfigError("clustering.n_categories", n_categories, "None or an integer >= 2")
+    low, high = k_range
+    if not (isinstance(low, int | np.integer) and isinstance(high, int | np.integer)) or not (
+        2 <= low <= high
+    ):
+        raise ConfigError("clustering.k_range", tuple(k_range), "(low, high) with 2 <= low <= high")
+
+
+def fit_categories(
+    X: np.ndarray,
+    make_clusterer: ClustererFactory,
+    n_categories: int | None = None,
+    k_range: tuple[int, int] = (2, 8),
+    normalize: bool = True,
+    cosine: np.ndarray | None = None,
+) -> CategoryFit:
+    """Cluster core-token vectors X [n_tokens, d] into categories.
+
+    n_categories None: fit every K in k_range (capped at n_tokens - 1) and keep the labels with the
+    highest cosine silhouette (ties: smaller K). A clusterer that sets its own K is fitted once.
+    normalize: L2-normalise rows first (Ward on unit vectors is monotone in cosine).
+    cosine: the [n, n] cosine matrix of X when the caller has it already.
+    Fewer than 2 categories gives a skipped fit, not an error. Plain agglomerative clusterers
+    (no connectivity) build their tree once with scipy and cut it at every K: the same labels as
+    refitting scikit-learn for each K, several times faster.
+    """
+    validate_k_choice(n_categories, k_range)
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"X must be [n_tokens, d], got shape {X.shape}")
+    n = X.shape[0]
+    if n < 3:
+        return CategoryFit(np.full(n, -1), 0, np.nan, f"only {n} core tokens")
+    data = _unit_rows(X) if normalize else X
+    distances = _cosine_distances(X, cosine)  # [n, n], for silhouettes
+
+    first_k = n_categories if n_categories is not None else k_range[0]
+    estimator = make_clusterer(min(first_k, n - 1))
+    if _sets_own_k(estimator):
+        return _finish(np.asarray(estimator.fit_predict(data)), distances)
+    if n_categories is not None:
+        if n_categories >= n:
+            return CategoryFit(np.full(n, -1), 0, np.nan, f"n_categories={n_categories} >= {n} tokens")
+        return _finish(np.asarray(estimator.fit_predict(data)), distances)
+
+    ks = list(range(k_range[0], min(k_range[1], n - 1) + 1))
+    cuts = _tree_cuts(estimator, data, ks)
+    best: CategoryFit | None = None
+    degenerate: CategoryFit | None = None  # what the clusterer gave when no K reached 2 categories
+    for k in ks:
+        labels = cuts[k] if cuts is not None else make_clusterer(k).fit_predict(data)
+        fit = _finish(np.asarray(labels), distances)
+        if fit.skipped is not None:
+            degenerate = degenerate or fit
+        elif best is None or fit.silhouette > best.silhouette:
+            best = fit
+    if best is None:
+        if degenerate is None:
+            return CategoryFit(np.full(n, -1), 0, np.nan, "no K in k_range fits these tokens")
+        return replace(degenerate, skipped=f"no K in k_range gave 2 categories: {degenerate.skipped}")
+    return best
+
+
+def categories_from_labels(
+    labels: np.ndarray, X: np.ndarray | None = None, cosine: np.ndarray | None = None
+) -> CategoryFit:
+    """Wrap precomputed labels (e.g. a lexical category source; -1 = uncovered token).
+    X (or its cosine matrix) gives the silhouette; without either it is NaN."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be [n_tokens], got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers (-1 = uncovered), got dtype {labels.dtype}")
+    distances = None
+    if X is not None or cosine is not None:
+        distances = _cosine_distances(None if X is None else np.asarray(X, np.float64), cosine)
+    return _finish(labels, distances)
+
+
+def _finish(labels: np.ndarray, distances: np.ndarray | None) -> CategoryFit:
+    labels = labels.astype(np.int64)
+    covered = labels >= 0
+    k = int(np.unique(labels[covered]).size)
+    if k < 2:
+        return CategoryFit(labels, k, np.nan, f"{k} category among the core tokens (need 2)")
+    silhouette = np.nan
+    n_covered = int(covered.sum())
+    if distances is not None and k <= n_covered - 1:
+        sub = distances[np.ix_(covered, covered)]
+        silhouette = float(silhouette_score(sub, labels[covered], metric="precomputed"))
+    return CategoryFit(labels, k, silhouette)
+
+
+# scikit-learn metric names that scipy's pdist knows (under its own name).
+_PDIST_METRICS = {"euclidean": "euclidean", "l2": "euclidean", "cosine": "cosine",
+                  "l1": "cityblock", "manhattan": "cityblock", "cityblock": "cityblock"}
+
+
+def _tree_cuts(estimator: Any, data: np.ndarray, ks: list[int]) -> dict[int, np.ndarray] | None:
+    """Labels for every K from one scipy tree, for a plain AgglomerativeClustering; else None.
+
+    scikit-learn builds the same tree with scipy (`hierarchy.ward` / `linkage`) and cuts it by
+    merge order; fcluster's "maxclust" cuts by height, which is the same cut for these monotone
+    linkages unless merge heights tie, where cut_tree (merge order) decides.
+    """
+    if not isinstance(estimator, AgglomerativeClustering):
+        return None
+    params = estimator.get_params()
+    metric = params.get("metric", "euclidean")
+    if (
+        params.get("connectivity") is not None
+        or params.get("distance_threshold") is not None
+        or params["linkage"] not in ("ward", "average", "complete", "single")
+        or not isinstance(metric, str)
+        or metric not in _PDIST_METRICS
+        or (params["linkage"] == "ward" and _PDIST_METRICS[metric] != "euclidean")
+    ):
+        return None
+    if params["linkage"] == "ward":
+        tree = hierarchy.ward(data)
+    else:
+        tree = hierarchy.linkage(pdist(data, _PDIST_METRICS[metric]), params["linkage"])
+    cuts = {}
+    for k in ks:
+        labels = hierarchy.fcluster(tree, k, criterion="maxclust") - 1
+        if labels.max() + 1 != k:
+            labels = hierarchy.cut_tree(tree, n_clusters=[k])[:, 0]
+        cuts[k] = labels
+    return cuts
+
+
+def _sets_own_k(estimator: Any) -> bool:
+    params = estimator.get_params() if hasattr(estimator, "get_params") else {}
+    return not any(name in params for name in _K_PARAMS)
+
+
+def _resolve_class(target: str | type) -> type:
+    if isinstance(target, type):
+        return target
+    module_name, _, attr = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError("clustering._target_", target, "an importable class path") from err
+    if not hasattr(cls, "fit_predict"):
+        raise ConfigError("clustering._target_", target, "a class with fit_predict")
+    return cls
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+def _cosine_distances(X: np.ndarray | None, cosine: np.ndarray | None = None) -> np.ndarray:
+    if cosine is None:
+        unit = _unit_rows(X)
+        cosine = unit @ unit.T
+    distances = np.clip(1.0 - cosine, 0.0, 2.0)  # [n, n]
+    np.fill_diagonal(distances, 0.0)  # silhouette_score checks the diagonal is exactly 0
+    return distances

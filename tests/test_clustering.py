@@ -1,0 +1,160 @@
+"""Categorical clusters: K by cosine silhouette, presets from `_target_` configs, skips."""
+
+import numpy as np
+import pytest
+from sklearn.cluster import AgglomerativeClustering, SpectralClustering
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+from intraneuron.analysis.clustering import (
+    PRESETS,
+    CosineSpectralClustering,
+    categories_from_labels,
+    clusterer_factory,
+    clusterer_from_config,
+    fit_categories,
+    preset_factory,
+)
+from intraneuron.errors import ConfigError
+
+
+def planted(n_per=20, n_clusters=4, d=64, spread=0.35, seed=0):
+    """Unit vectors around orthogonal centres: [n, d] and the true labels."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(d)[:n_clusters] * 3.0
+    truth = np.repeat(np.arange(n_clusters), n_per)
+    X = centres[truth] + rng.normal(scale=spread * 3.0 / np.sqrt(d) * 4, size=(truth.size, d))
+    return X, truth
+
+
+def test_ward_default_finds_the_planted_k_and_reports_the_cosine_silhouette():
+    X, truth = planted()
+    factory, normalize = preset_factory("ward")
+    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize)
+    assert fit.skipped is None
+    assert fit.k == 4
+    assert adjusted_rand_score(truth, fit.labels) == 1.0
+    assert fit.silhouette == pytest.approx(silhouette_score(X, fit.labels, metric="cosine"))
+
+
+def test_chosen_k_maximises_the_silhouette_over_the_range():
+    X, _ = planted(n_clusters=3, spread=1.2, seed=3)
+    factory, _ = preset_factory("ward")
+    fit = fit_categories(X, factory, k_range=(2, 6))
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    scores = {
+        k: silhouette_score(
+            X, AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(unit), metric="cosine"
+        )
+        for k in range(2, 7)
+    }
+    assert fit.k == max(scores, key=scores.get)
+    assert fit.silhouette == pytest.approx(max(scores.values()))
+
+
+@pytest.mark.parametrize(
+    ("linkage", "metric", "normalize"),
+    [("ward", "euclidean", True), ("average", "cosine", False), ("complete", "cosine", False),
+     ("single", "l1", False)],
+)  # fmt: skip
+def test_one_tree_cut_at_each_k_equals_refitting_sklearn(linkage, metric, normalize):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 16))
+    data = X / np.linalg.norm(X, axis=1, keepdims=True) if normalize else X
+    factory = clusterer_factory(AgglomerativeClustering, linkage=linkage, metric=metric)
+    for k in range(2, 9):
+        fast = fit_categories(X, factory, n_categories=k, normalize=normalize)
+        # n_categories=k also goes through fit_predict; compare the tree cut of the range path.
+        reference = AgglomerativeClustering(n_clusters=k, linkage=linkage, metric=metric).fit_predict(data)
+        assert adjusted_rand_score(reference, fast.labels) == 1.0
+        ranged = fit_categories(X, factory, k_range=(k, k), normalize=normalize)
+        assert adjusted_rand_score(reference, ranged.labels) == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_built_from_its_target_config_and_separates_planted_clusters(name):
+    X, truth = planted(n_per=25)
+    factory, normalize = clusterer_from_config(PRESETS[name])
+    fit = fit_categories(X, factory, n_categories=None if name == "hdbscan" else 4, normalize=normalize)
+    assert fit.skipped is None
+    covered = fit.labels >= 0
+    assert covered.mean() > 0.8
+    assert adjusted_rand_score(truth[covered], fit.labels[covered]) > 0.95
+
+
+def test_a_clusterer_that_sets_its_own_k_is_fitted_once():
+    X, _ = planted(n_per=25)
+    calls = []
+    base, _ = preset_factory("hdbscan")
+
+    def counting(k):
+        calls.append(k)
+        return base(k)
+
+    fit = fit_categories(X, counting, k_range=(2, 8))
+    assert len(calls) == 1
+    assert fit.k == 4
+
+
+def test_fewer_than_two_categories_is_a_skip_not_a_crash():
+    class OneCluster:
+        def __init__(self, n_clusters):
+            self.n_clusters = n_clusters
+
+        def get_params(self):
+            return {"n_clusters": self.n_clusters}
+
+        def fit_predict(self, X):
+            return np.zeros(len(X), dtype=int)
+
+    X, _ = planted()
+    fit = fit_categories(X, OneCluster)
+    assert fit.skipped is not None and fit.k == 1
+    assert categories_from_labels(np.full(10, -1)).skipped is not None
+    assert fit_categories(X[:2], OneCluster).skipped is not None
+
+
+def test_precomputed_labels_keep_uncovered_tokens_out_of_the_silhouette():
+    X, truth = planted()
+    labels = truth.copy()
+    labels[::7] = -1
+    fit = categories_from_labels(labels, X)
+    covered = labels >= 0
+    assert fit.k == 4 and fit.skipped is None
+    np.testing.assert_array_equal(fit.labels, labels)
+    assert fit.silhouette == pytest.approx(
+        silhouette_score(X[covered], labels[covered], metric="cosine")
+    )
+
+
+def test_cosine_spectral_works_where_sklearn_cosine_affinity_fails():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 8))  # many negative cosines
+    with pytest.raises(ValueError):
+        SpectralClustering(3, affinity="cosine", random_state=0).fit_predict(X)
+    labels = CosineSpectralClustering(n_clusters=3, random_state=0).fit_predict(X)
+    assert np.unique(labels).size == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"n_categories": 1}, "clustering.n_categories"),
+        ({"k_range": (1, 4)}, "clustering.k_range"),
+        ({"k_range": (5, 3)}, "clustering.k_range"),
+    ],
+)
+def test_bad_k_settings_raise_config_error(kwargs, key):
+    factory, _ = preset_factory("ward")
+    with pytest.raises(ConfigError, match=key):
+        fit_categories(np.eye(5), factory, **kwargs)
+
+
+def test_bad_targets_raise_config_error():
+    with pytest.raises(ConfigError, match="clustering._target_"):
+        clusterer_from_config({"_target_": "sklearn.cluster.NoSuchClusterer"})
+    with pytest.raises(ConfigError, match="clustering._target_"):
+        clusterer_from_config({"_target_": "numpy.ndarray"})
+    with pytest.raises(ConfigError, match="clustering.n_clusters"):
+        clusterer_from_config({"_target_": "sklearn.cluster.KMeans", "n_clusters": 3})
+    with pytest.raises(ConfigError, match="clustering.preset"):
+        preset_factory("birch")
