@@ -1,0 +1,143 @@
+"""The parent MLflow run of a Hydra multirun: opened before any job starts, closed with the sweep's outcome.
+
+Wiring (conf/hydra/callbacks/mlflow_sweep.yaml, in the primary config's defaults as
+`- override hydra/callbacks: mlflow_sweep`): Hydra calls `on_multirun_start` in the launching process before
+the launcher starts. The parent run id is written to `<sweep dir>/mlflow_parent_run_id`, where each
+job's `tracked_run` reads it, whatever process or machine the job runs in.
+
+When a job fails, Hydra's sweeper re-raises its exception after the batch has run and never calls
+`on_multirun_end`; an atexit hook then closes the parent as FAILED and prints which jobs failed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+from omegaconf import DictConfig, OmegaConf
+
+from intraneuron.tracking.params import mlflow_tags
+from intraneuron.tracking.run import (
+    PARENT_RUN_ID_FILE,
+    PARENT_TAG,
+    RunLogger,
+    TrackingConfig,
+    open_experiment,
+    source_tags,
+)
+
+_FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+_FAILED = RunStatus.to_string(RunStatus.FAILED)
+_KILLED = RunStatus.to_string(RunStatus.KILLED)
+_RUNNING = RunStatus.to_string(RunStatus.RUNNING)
+_ORPHAN_ERROR = "the job ended without closing its run (its process crashed or was killed)"
+
+
+class MlflowSweepCallback(Callback):
+    """Opens one parent run per multirun; jobs log nested child runs under it."""
+
+    def __init__(
+        self,
+        tracking_uri: str = "sqlite:///mlruns/mlflow.db",
+        experiment: str = "intraneuron",
+        artifact_root: str | None = None,
+        tags: dict[str, Any] | None = None,
+    ):
+        # Only plain data here: Hydra pickles its callbacks into joblib worker processes.
+        self.tracking = TrackingConfig(tracking_uri, experiment, artifact_root)
+        self.tags = dict(tags or {})
+        self.parent_run_id: str | None = None
+        self._base_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._base_dir = Path.cwd()  # the launching cwd: `${hydra:runtime.cwd}` does not resolve yet
+        sweep_dir = (self._base_dir / str(config.hydra.sweep.dir)).resolve()
+        # Creating the experiment here, once, also creates a new sqlite file's tables before
+        # parallel jobs could race on the schema migration.
+        client, experiment_id = open_experiment(self.tracking, self._base_dir)
+        tags = {
+            **source_tags(),
+            "hydra.sweep_dir": str(sweep_dir),
+            "hydra.launcher": OmegaConf.select(config, "hydra.launcher._target_", default=""),
+            "hydra.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
+            **self.tags,
+        }
+        run = client.create_run(experiment_id, run_name=f"sweep-{sweep_dir.name}", tags=mlflow_tags(tags))
+        self.parent_run_id = run.info.run_id
+        parent = RunLogger(client, self.parent_run_id)
+        sweeper_params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+        sweep: dict[str, Any] = {"overrides": " ".join(str(o) for o in config.hydra.overrides.task)}
+        if sweeper_params:
+            sweep["params"] = OmegaConf.to_container(sweeper_params)
+        parent.log_params({"sweep": sweep})
+        parent.log_text(OmegaConf.to_yaml(config, resolve=False), "config/multirun.yaml")
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_RUN_ID_FILE).write_text(self.parent_run_id)
+        atexit.register(self._close, False)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close(True)
+
+    def _close(self, sweep_completed: bool) -> None:
+        """End the parent: FINISHED only if the sweep completed and no child failed or was killed."""
+        atexit.unregister(self._close)
+        if self.parent_run_id is None:
+            return
+        parent_id, self.parent_run_id = self.parent_run_id, None
+        client, experiment_id = open_experiment(self.tracking, self._base_dir or Path.cwd())
+        children = _children(client, experiment_id, parent_id)
+        for child in children:
+            if child.info.status == _RUNNING:  # its process died without closing it (OOM, crash)
+                child.data.tags["error"] = _ORPHAN_ERROR
+                client.set_tag(child.info.run_id, "error", _ORPHAN_ERROR)
+                client.set_terminated(child.info.run_id, status=_FAILED)
+        statuses = [_FAILED if c.info.status == _RUNNING else c.info.status for c in children]
+        counts = {s: statuses.count(s) for s in (_FINISHED, _FAILED, _KILLED)}
+        RunLogger(client, parent_id).log_metrics({
+            "sweep.jobs_total": len(children),
+            **{f"sweep.jobs_{s.lower()}": n for s, n in counts.items()},
+        })
+        if counts[_KILLED]:
+            status = _KILLED
+        elif counts[_FAILED] or not sweep_completed:
+            status = _FAILED
+        else:
+            status = _FINISHED
+        client.set_terminated(parent_id, status=status)
+        if status != _FINISHED:
+            _report(children, statuses, parent_id, sweep_completed)
+
+
+def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+            max_results=1000, page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _report(children: list[Any], statuses: list[str], parent_id: str, sweep_completed: bool) -> None:
+    """One readable stderr summary of every failed job (Hydra itself only re-raises the first)."""
+    bad = [(c, s) for c, s in zip(children, statuses, strict=True) if s != _FINISHED]
+    bad.sort(key=lambda cs: int(cs[0].data.tags.get("hydra.job_num", "-1")))
+    lines = [f"MLflow sweep run {parent_id}: {len(bad)} of {len(children)} jobs did not finish"]
+    if not sweep_completed and not bad:
+        lines[0] = f"MLflow sweep run {parent_id}: the sweep stopped before completing"
+    for child, status in bad:
+        tags = child.data.tags
+        lines.append(
+            f"  #{tags.get('hydra.job_num', '?')} {tags.get('hydra.overrides', child.info.run_name)}: "
+            f"{status} {tags.get('error', '')}".rstrip()
+        )
+    sys.stderr.write("\n".join(lines) + "\n")
