@@ -89,10 +89,10 @@ def test_reducers_merge_across_shards_like_one_pass():
     ]
     for r in whole:
         _feed(r, acts, ids, pos)
-    for part, sl in zip(halves, (slice(0, 137), slice(137, 300))):
+    for part, sl in zip(halves, (slice(0, 137), slice(137, 300)), strict=True):
         for r in part:
             _feed(r, acts[sl], ids[sl], pos[sl])
-    for merged, other, reference in zip(halves[0], halves[1], whole):
+    for merged, other, reference in zip(halves[0], halves[1], whole, strict=True):
         merged.merge(other)
         a = merged.state_dict("t") if isinstance(merged, TokenTypeTable) else merged.state_dict()
         b = reference.state_dict("t") if isinstance(reference, TokenTypeTable) else reference.state_dict()
