@@ -14,6 +14,10 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: expected {allowed}")
 
+    def __reduce__(self):
+        # picklable, so that a sweep job's error reaches the launcher (joblib) as itself
+        return type(self), (self.key, self.value, self.allowed)
+
 
 class MissingAssetError(FileNotFoundError):
     """A file the run needs (model, corpus, vendored data) is not where it should be."""

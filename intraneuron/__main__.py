@@ -1,0 +1,3 @@
+from intraneuron.cli import main
+
+main()

@@ -1,0 +1,102 @@
+"""Tiny random-initialised models saved with a real tokenizer: tests and smoke runs, no download.
+
+Each builder seeds torch, builds a 3-layer model with d_model 32, saves weights (safetensors),
+config and tokenizer into `directory` and returns it, so `load_model(str(path))` reads it like any
+local checkpoint. The decoders use the real GPT-2 BPE (vocab 50257), BERT uses MiniLM's WordPiece.
+Configs name them as "tiny-gpt2", "tiny-llama", ...: `tiny_model_dir` builds one once into the cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from intraneuron import paths
+from intraneuron.models.packaged import gpt2_tokenizer_dir, minilm_dir, publish_directory
+
+GPT2_VOCAB = 50257
+GPT2_EOS = 50256
+BERT_VOCAB = 30522
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path, directory: Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(directory))
+    return directory
+
+
+def tiny_gpt2(directory: Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
+    """GPT-2 (d_mlp = 4 * d_model since n_inner is unset) with the real GPT-2 tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=GPT2_VOCAB, n_positions=256, n_embd=d_model, n_layer=n_layers, n_head=4,
+        bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS,
+    )
+    return _save(GPT2LMHeadModel(config), gpt2_tokenizer_dir(), directory)
+
+
+def tiny_neox(directory: Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
+    """GPT-NeoX (Pythia layout: parallel attention + MLP, rotary) with the GPT-2 tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=GPT2_VOCAB, hidden_size=d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, intermediate_size=2 * d_model, max_position_embeddings=256,
+        bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS,
+    )
+    return _save(GPTNeoXForCausalLM(config), gpt2_tokenizer_dir(), directory)
+
+
+def tiny_llama(directory: Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
+    """Llama (gated SiLU MLP, RMSNorm, grouped-query attention) with the GPT-2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=GPT2_VOCAB, hidden_size=d_model, intermediate_size=3 * d_model,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=GPT2_EOS, eos_token_id=GPT2_EOS,
+        pad_token_id=None,
+    )
+    return _save(LlamaForCausalLM(config), gpt2_tokenizer_dir(), directory)
+
+
+def tiny_bert(directory: Path, *, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
+    """BERT saved as BertForMaskedLM (like real checkpoints) with MiniLM's uncased WordPiece."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=BERT_VOCAB, hidden_size=d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, intermediate_size=2 * d_model, max_position_embeddings=256,
+    )
+    return _save(BertForMaskedLM(config), minilm_dir(), directory)
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "gpt_neox": tiny_neox, "llama": tiny_llama, "bert": tiny_bert}
+TINY_MODELS = {f"tiny-{arch.replace('_', '-')}": arch for arch in BUILDERS}  # config name -> arch
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Directory of the named tiny model ("tiny-gpt2", ...), built once (seed 0) into the cache."""
+    arch = TINY_MODELS[name]
+    target = paths.cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        BUILDERS[arch](staging)
+        publish_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
