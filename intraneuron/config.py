@@ -208,7 +208,7 @@ def _typed(cfg: DictConfig, name: str, schema: type) -> Any:
         expected = getattr(error, "msg", str(error)).split("\n")[0]
         raise ConfigError(key, error.value if hasattr(error, "value") else None, expected) from None
     except MissingMandatoryValue as error:  # `???` left unset
-        raise ConfigError(f"{name}.{error.key}", "???", "a value (it is mandatory)") from None
+        raise ConfigError(f"{name}.{error.full_key}", "???", "a value (it is mandatory)") from None
 
 
 def _layers(cfg: DictConfig) -> list[int]:

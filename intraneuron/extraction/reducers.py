@@ -91,16 +91,19 @@ class Moments:
         self.max = torch.full((width,), -torch.inf, dtype=torch.float64, device=device)
 
     def add(self, acts: torch.Tensor) -> None:
-        x = acts.to(torch.float64)  # [N, D]
+        # Within a batch the central sums are taken in float32 (a few thousand values around their
+        # own mean lose nothing that matters) and merged in float64: about 4x faster than float64.
+        x = acts.float()  # [N, D]
         n = x.shape[0]
         mean = x.mean(0)
         d = x - mean
         d2 = d * d
         batch = Moments.__new__(Moments)
-        batch.n, batch.mean = n, mean
-        batch.m2, batch.m3, batch.m4 = d2.sum(0), (d2 * d).sum(0), (d2 * d2).sum(0)
+        batch.n, batch.mean = n, mean.double()
+        batch.m2, batch.m3, batch.m4 = (t.sum(0).double() for t in (d2, d2 * d, d2 * d2))
         batch.positive = (x > 0).sum(0, dtype=torch.float64)
-        batch.min, batch.max = x.min(0).values, x.max(0).values
+        low, high = x.aminmax(dim=0)
+        batch.min, batch.max = low.double(), high.double()
         self.merge(batch)
 
     def merge(self, o: Moments) -> None:
@@ -142,18 +145,33 @@ class Moments:
 
 
 class Histogram:
-    """Fixed-edge histogram per column, with an underflow and an overflow bin at either end."""
+    """Histogram per column on evenly spaced edges, with an underflow and an overflow bin.
+
+    Bin b (1..B) holds edges[b-1] <= x < edges[b]; bin 0 is below edges[0], bin B+1 at or above
+    edges[-1]. Even spacing lets the bin be computed arithmetically, faster than a binary search
+    over the edges; one comparison with the bin's own edges then corrects values that rounding put
+    one bin off, so the counts are exactly those of `torch.bucketize(x, edges, right=True)`.
+    """
 
     def __init__(self, edges: torch.Tensor, width: int, device: torch.device | str = "cpu"):
         self.edges = edges.to(device=device, dtype=torch.float32)  # [B + 1]
-        self.n_bins = edges.numel() + 1  # B inner bins + under + over
+        n_inner = edges.numel() - 1
+        self.n_bins = n_inner + 2  # B inner bins + under + over
+        self.low, self.high = float(edges[0]), float(edges[-1])
+        self.scale = n_inner / (self.high - self.low)
         self.counts = torch.zeros(width, self.n_bins, dtype=torch.long, device=device)  # [D, B + 2]
+        self._offsets = torch.arange(width, device=device) * self.n_bins  # [D]
+        inf = torch.tensor([torch.inf], device=device)
+        self._bounds = torch.cat([-inf, self.edges, inf])  # [B + 3]: bin b is [bounds[b], bounds[b+1])
 
     def add(self, acts: torch.Tensor) -> None:
-        # bucketize: index 0 = below edges[0], index B+1 = at/above edges[-1] (right=True semantics).
-        bins = torch.bucketize(acts.float(), self.edges, right=True)  # [N, D]
-        flat = bins + torch.arange(acts.shape[1], device=acts.device) * self.n_bins
-        self.counts.view(-1).add_(torch.bincount(flat.view(-1), minlength=self.counts.numel()))
+        x = acts.float()  # [N, D]
+        position = (x - self.low).mul_(self.scale).add_(1.0).clamp_(0.0, self.n_bins - 1.0)
+        bins = position.long()  # truncation = floor on non-negative values
+        bins -= (x < self._bounds[bins]).long()
+        bins += (x >= self._bounds[bins + 1]).long()
+        flat = (bins + self._offsets).view(-1)
+        self.counts.view(-1).add_(torch.bincount(flat, minlength=self.counts.numel()))
 
     def merge(self, other: Histogram) -> None:
         self.counts += other.counts
