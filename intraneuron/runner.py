@@ -85,22 +85,28 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     })  # fmt: skip
     tracker.log_metrics({"corpus/n_tokens": windows.n_tokens, "setup_seconds": time.perf_counter() - started})
 
+    # Everything that can fail on a missing file or a bad checkpoint is built before the pass.
+    texts = token_texts(handle.tokenizer, handle.vocab_size)
+    keep = keep_mask(texts, rc.core_tokens.drop_whitespace_punct, rc.core_tokens.drop_byte_fragments)
+    label = category_labeller(rc.clustering, texts)
+    vectors = None if rc.embedding.source == "layer_input" else embedding_source(rc.embedding, handle)
+
     started = time.perf_counter()
     profiles = extract_profiles(handle, windows, rc.layers, settings, ProfileCache(paths.cache_dir()))
     tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
 
-    texts = token_texts(handle.tokenizer, handle.vocab_size)
-    keep = keep_mask(texts, rc.core_tokens.drop_whitespace_punct, rc.core_tokens.drop_byte_fragments)
-    label = category_labeller(rc.clustering, texts)
     summary = JobSummary(tracker.run_id, {})
     for layer in rc.layers:
+        layer_vectors = vectors or embedding_source(rc.embedding, handle, profiles[layer])
         summary.layers[layer] = _analyse_and_log(
-            rc, layer, profiles[layer], handle, texts, keep, label, clusterer, tracker
+            rc, layer, profiles[layer], handle, texts, keep, label, clusterer, layer_vectors, tracker
         )
     return summary
 
 
-def _analyse_and_log(rc: RunConfig, layer, profile, handle, texts, keep, label, clusterer, tracker):
+def _analyse_and_log(
+    rc: RunConfig, layer, profile, handle, texts, keep, label, clusterer, vectors, tracker
+):
     started = time.perf_counter()
     neurons = select_neurons(handle.d_mlp, **vars(rc.neurons))
     core = rc.core_tokens
@@ -108,11 +114,10 @@ def _analyse_and_log(rc: RunConfig, layer, profile, handle, texts, keep, label, 
         profile, neurons, unit=core.unit, rule=core.rule, n=core.n, tau=core.tau, q=core.q,
         max_tokens=core.max_tokens, min_count=core.min_count, keep_token=keep,
     )  # fmt: skip
-    embed = embedding_source(rc.embedding, handle, profile).embed
     bar = tqdm(total=len(cores), unit="neuron", desc=f"analyse layer {layer}",
                disable=not rc.extraction.progress)  # fmt: skip
     result = analyse_layer(
-        layer, cores, embed,
+        layer, cores, vectors.embed,
         label=label,
         decode=lambda ids: [texts[i] for i in ids],
         seed=rc.analysis.seed,

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 # those jobs fail validation (after their MLflow run is opened) while the others go on.
 SMALL = ["neurons=range", "neurons.stop=32", "extraction.progress=false"]
 BASE = ["experiment=smoke", *SMALL]
-TINY = ["model=tiny-gpt2", "corpus=tiny", "core_tokens.n=30", "core_tokens.min_count=2",
+TINY = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=8192", "layer=[0,1]",
+        "core_tokens.n=30", "core_tokens.min_count=2",
         "analysis.n_permutations=19", "analysis.n_mantel_permutations=19", *SMALL]  # fmt: skip
 
 
@@ -136,7 +137,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.s
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_runs_on_the_tiny_model(preset, tmp_path):
-    done = launch(tmp_path, f"experiment={preset}", "layer=[0,1]", base=TINY)
+    done = launch(tmp_path, f"experiment={preset}", base=TINY)
     assert done.returncode == 0, done.stderr[-3000:]
     _, runs = runs_of(tmp_path)
     assert [r.info.status for r in runs] == ["FINISHED"]
@@ -153,3 +154,35 @@ def test_every_sweep_preset_runs_on_the_tiny_model(preset, tmp_path):
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == len(runs) - 1 >= 2
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_missing_static_checkpoint_fails_before_the_extraction(tmp_path):
+    done = launch(tmp_path, "layer=0", "embedding=gpt2_xl_static",
+                  f"embedding.checkpoint={tmp_path}/no-such-checkpoint",
+                  f"embedding.tokenizer={tmp_path}/no-such-checkpoint", base=TINY)  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "MissingAssetError" in done.stderr
+    assert not (tmp_path / "cache" / "profiles").exists()  # nothing was extracted
+    _, runs = runs_of(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "no-such-checkpoint" in runs[0].data.tags["error"]
+
+
+def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(tmp_path):
+    # tiny-llama analysed, tiny-gpt2's input embeddings as the "static" checkpoint: laid out like
+    # GPT-2's (transformer.wte.weight [50257, 32]) and read alone from its safetensors file.
+    from intraneuron.models.tiny import tiny_gpt2
+
+    checkpoint = tiny_gpt2(tmp_path / "static-checkpoint")
+    done = launch(tmp_path, "model=tiny-llama", "layer=1", "embedding=gpt2_xl_static",
+                  f"embedding.checkpoint={checkpoint}", f"embedding.tokenizer={checkpoint}",
+                  base=TINY)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, (run,) = runs_of(tmp_path)
+    assert run.data.params["embedding.source"] == "static"
+    assert run.data.metrics["layer_1/embedding/unembedded_frac"] == 0.0  # same vocabulary
+    table = pd.read_parquet(download_artifacts(
+        run_id=run.info.run_id, artifact_path="layer_1/tables/neurons.parquet",
+        tracking_uri=client.tracking_uri,
+    ))  # fmt: skip
+    assert len(table) == 32 and (table["skipped"] == "").all()
