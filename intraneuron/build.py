@@ -27,7 +27,7 @@ def clusterer_factory_of(clustering: ClusteringConfig) -> ClustererFactory:
         partial = instantiate(clustering.estimator, _partial_=True, _convert_="all")
     except InstantiationException as error:
         raise ConfigError(
-            "clustering.estimator._target_", target, f"an importable class ({error})".split("\n")[0]
+            "clustering.estimator._target_", target, "an importable class with fit_predict"
         ) from None
     if not isinstance(partial, functools.partial) or not inspect.isclass(partial.func):
         raise ConfigError("clustering.estimator._target_", target, "a class, not a function")

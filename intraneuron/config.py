@@ -205,8 +205,10 @@ def _typed(cfg: DictConfig, name: str, schema: type) -> Any:
         raise ConfigError(key, "(unknown key)", f"a key of {name}: {allowed}") from None
     except ValidationError as error:
         key = f"{name}.{error.key}" if error.key else name
-        expected = getattr(error, "msg", str(error)).split("\n")[0]
-        raise ConfigError(key, error.value if hasattr(error, "value") else None, expected) from None
+        field_ = schema.__dataclass_fields__.get(str(error.key))
+        kind = f"a value of type {field_.type}" if field_ is not None else "a valid value"
+        reason = getattr(error, "msg", str(error)).split("\n")[0]
+        raise ConfigError(key, getattr(error, "value", None), f"{kind} ({reason})") from None
     except MissingMandatoryValue as error:  # `???` left unset
         raise ConfigError(f"{name}.{error.full_key}", "???", "a value (it is mandatory)") from None
 

@@ -148,10 +148,10 @@ def _sign_test(p_top: pd.Series, z_top: pd.Series) -> dict[str, float]:
     observed H_top and its P draws) are at or above H_top. Under the null the observed value is
     one more exchangeable draw, so this has probability 1/2 whatever the shape of the null
     (exactly for odd P; 1/2 - 1/(2(P + 1)) for even P).
-    Fix: this used the sign of z_top, which compares H_top with the null *mean*. The null of a
+    Not the sign of z_top, which compares H_top with the null *mean*: the null of a
     small segment's homogeneity is right-skewed when the vectors form clusters, so its median is
     below its mean and most null neurons have z_top < 0 (about 59% in tests/test_planted.py),
-    which made the sign test significant (p ~ 0.001-0.01 over 200-300 neurons) on layers with no
+    which would make the test significant (p ~ 0.001-0.01 over 200-300 neurons) on layers with no
     effect at all. Neurons with a degenerate (constant) null, z_top NaN, are dropped.
     """
     p = np.asarray(p_top, dtype=np.float64)
