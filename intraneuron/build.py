@@ -25,7 +25,7 @@ def clusterer_factory_of(clustering: ClusteringConfig) -> ClustererFactory:
     target = clustering.estimator["_target_"]
     try:
         partial = instantiate(clustering.estimator, _partial_=True, _convert_="all")
-    except InstantiationException as error:
+    except InstantiationException:
         raise ConfigError(
             "clustering.estimator._target_", target, "an importable class with fit_predict"
         ) from None
