@@ -35,7 +35,7 @@ from intraneuron.config import (
 )
 from intraneuron.extraction import extract_profiles
 from intraneuron.extraction.cache import ProfileCache, cache_key
-from intraneuron.extraction.engine import profile_key_fields
+from intraneuron.extraction.engine import profile_key_fields, progress_interval
 from intraneuron.tracking.run import RunLogger
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _analyse_and_log(
         max_tokens=core.max_tokens, min_count=core.min_count, keep_token=keep,
     )  # fmt: skip
     bar = tqdm(total=len(cores), unit="neuron", desc=f"analyse layer {layer}",
-               disable=not rc.extraction.progress)  # fmt: skip
+               disable=not rc.extraction.progress, mininterval=progress_interval())  # fmt: skip
     result = analyse_layer(
         layer, cores, vectors.embed,
         label=label,

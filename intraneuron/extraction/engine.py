@@ -8,6 +8,7 @@ stops after the deepest requested layer. Layers already in the cache cost nothin
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -21,6 +22,11 @@ from intraneuron.extraction.profile import ActivationProfile
 from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
 
 log = logging.getLogger(__name__)
+
+
+def progress_interval() -> float:
+    """Seconds between progress-bar updates: live in a terminal, sparse in a log file."""
+    return 0.5 if sys.stderr.isatty() else 60.0
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ def _run_pass(handle, windows, layers, settings: ExtractionSettings) -> dict[int
     pos_in_window = torch.arange(skip, T, device=device)  # [T - skip]
     bar = tqdm(
         total=n_windows * kept_per_window, unit="tok", unit_scale=True, disable=not settings.progress,
-        desc=f"extract layers {layers}",
+        desc=f"extract layers {layers}", mininterval=progress_interval(),
     )
     sites = list(neuron_sites.values()) + list(input_sites.values())
     with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
