@@ -205,13 +205,19 @@ def test_keyboard_interrupt_marks_run_killed(tcfg, store):
     assert _client(store).get_run(holder[0].run_id).info.status == "KILLED"
 
 
+class NeedsTwoArguments(Exception):
+    def __init__(self, what: str, why: str):  # pickle replays __init__(*args) with one argument
+        super().__init__(f"{what} failed: {why}")
+
+
 def test_unpicklable_exceptions_are_carried_as_task_failed():
     plain = ValueError("fine")
     assert transportable(plain) is plain
-    config_error = ConfigError("x", 3, "anything else")  # its __init__ cannot be replayed by pickle
-    carried = transportable(config_error)
+    config_error = ConfigError("x", 3, "anything else")
+    assert transportable(config_error) is config_error  # ConfigError pickles itself
+    carried = transportable(NeedsTwoArguments("job", "no disk"))
     assert isinstance(carried, TaskFailed)
-    assert "ConfigError: x=3 is not allowed" in str(pickle.loads(pickle.dumps(carried)))
+    assert "NeedsTwoArguments: job failed: no disk" in str(pickle.loads(pickle.dumps(carried)))
 
 
 def test_git_commit_outside_and_inside_a_repository(tmp_path):

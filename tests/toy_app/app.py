@@ -15,7 +15,6 @@ from intraneuron.tracking import RunLogger, tracked_task
 @tracked_task(param_keys=["x", "model"])
 def main(cfg: DictConfig, run: RunLogger) -> int:
     if cfg.x == cfg.fail_on:
-        # ConfigError does not survive pickling: checks that joblib still carries the failure back.
         raise ConfigError("x", cfg.x, f"anything but fail_on={cfg.fail_on}")
     for layer in range(cfg.n_layers):
         run.for_layer(layer).log_metrics(
