@@ -8,7 +8,6 @@ by (seed, layer, neuron), so the numbers do not depend on the chunking or the nu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,6 @@ from joblib import Parallel, delayed
 
 from intraneuron.analysis.core_tokens import select_core_tokens, token_filter_mask
 from intraneuron.analysis.neuron import analyse_neuron
-
-log = logging.getLogger(__name__)
 
 Embed = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids [n] -> (X [n, d], valid [n])
 Label = Callable[[np.ndarray], np.ndarray]  # ids [n] -> category labels [n] (-1 = uncovered)
