@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from intraneuron.errors import ConfigError
+from intraneuron.hashing import file_sha256
 from intraneuron.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -207,11 +208,6 @@ def _raw_to_npy(raw_path: Path, npy_path: Path, n_windows: int, window_len: int)
     raw_path.unlink()
 
 
-def _file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _load_verified(entry: Path) -> TokenWindows | None:
     """The entry's windows if its files match the manifest, else None (corrupt or partial)."""
     tokens = entry / "tokens.npy"
@@ -219,7 +215,7 @@ def _load_verified(entry: Path) -> TokenWindows | None:
         manifest = json.loads((entry / "manifest.json").read_text())
         if tokens.stat().st_size != manifest["tokens_bytes"]:
             return None
-        if _file_sha256(tokens) != manifest["tokens_sha256"]:
+        if file_sha256(tokens) != manifest["tokens_sha256"]:
             return None
         ids = np.load(tokens, mmap_mode="r")
     except (OSError, ValueError, KeyError):
@@ -322,7 +318,7 @@ def build_windows(
             "n_tokens": n_windows * window_len,
             "content_hash": content_hash,
             "tokens_bytes": (staging / "tokens.npy").stat().st_size,
-            "tokens_sha256": _file_sha256(staging / "tokens.npy"),
+            "tokens_sha256": file_sha256(staging / "tokens.npy"),
             "build_seconds": round(time.perf_counter() - started, 3),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -22,6 +22,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from intraneuron.extraction.profile import ActivationProfile
+from intraneuron.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +32,6 @@ ENGINE_VERSION = 1  # bump when a change to the engine changes the numbers it wr
 def cache_key(fields: dict) -> str:
     canonical = json.dumps({**fields, "engine_version": ENGINE_VERSION}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ProfileCache:

@@ -29,6 +29,7 @@ import torch
 
 from intraneuron import paths
 from intraneuron.errors import ConfigError, MissingAssetError
+from intraneuron.hashing import file_sha256 as plain_file_sha256
 from intraneuron.models.adapters import ArchitectureAdapter, Site, adapter_for
 from intraneuron.models.packaged import minilm_dir, publish_directory, smollm2_gguf
 from intraneuron.models.tiny import TINY_MODELS, tiny_model_dir
@@ -274,15 +275,12 @@ def file_sha256(path: Path) -> str:
     memo = paths.cache_dir() / "hashes" / f"{key}.sha256"
     if memo.exists():
         return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
+    digest = plain_file_sha256(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
     partial = memo.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(digest.hexdigest())
+    partial.write_text(digest)
     os.replace(partial, memo)
-    return digest.hexdigest()
+    return digest
 
 
 def directory_sha256(directory: Path) -> str:
