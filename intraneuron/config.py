@@ -344,13 +344,10 @@ def _check_embedding(run: RunConfig) -> None:
 
 
 def _check_clustering(clustering: ClusteringConfig) -> None:
-    from intraneuron.analysis.clustering import validate_k_choice
-
     if clustering.categories not in CATEGORY_SOURCES:
         raise ConfigError("clustering.categories", clustering.categories, CATEGORY_SOURCES)
     if len(clustering.k_range) != 2:
         raise ConfigError("clustering.k_range", clustering.k_range, "[low, high]")
-    validate_k_choice(clustering.n_categories, tuple(clustering.k_range))
     if clustering.categories == "clusterer":
         estimator = clustering.estimator
         if not isinstance(estimator, dict) or "_target_" not in estimator:
