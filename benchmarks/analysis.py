@@ -23,12 +23,12 @@ import numpy as np
 from joblib import Parallel, delayed
 from threadpoolctl import threadpool_limits
 
-from intraneuron.analysis.bottomup import bottom_up, cosine_matrix
-from intraneuron.analysis.clustering import fit_categories, preset_factory
-from intraneuron.analysis.homomorphism import mantel_activation_cosine
-from intraneuron.analysis.neuron import analyse_neuron
-from intraneuron.analysis.segmentation import segment
-from intraneuron.analysis.topdown import top_down
+from intraneuron.analyses.two_fold.bottomup import bottom_up, cosine_matrix
+from intraneuron.analyses.two_fold.clustering import fit_categories, preset_factory
+from intraneuron.analyses.two_fold.homomorphism import mantel_activation_cosine
+from intraneuron.analyses.two_fold.neuron import analyse_neuron
+from intraneuron.analyses.two_fold.segmentation import segment
+from intraneuron.analyses.two_fold.topdown import top_down
 
 N_TOKENS, D_MODEL, LAYER_NEURONS = 100, 576, 1536
 

@@ -52,3 +52,33 @@ def small_windows(tmp_path_factory, tiny_gpt2, austen_text):
         [austen_text], tiny_gpt2.tokenizer, window_len=32, max_tokens=2048,
         cache_root=tmp_path_factory.mktemp("corpus-cache"), source_key="emma-opening",
     )
+
+
+@pytest.fixture(scope="session")
+def job_cache(tmp_path_factory):
+    """A cache root shared by the in-process end-to-end tests (tiny models, token windows, profiles
+    are built once per session); the Debian texts are still found under the project's .cache."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTRANEURON_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture
+def run_job(job_cache, tmp_path):
+    """Compose the real config with overrides and run one tracked job in this process, the way the
+    CLI does (minus the process start): returns (JobSummary, MlflowClient of its store)."""
+    from hydra import compose, initialize_config_dir
+    from mlflow import MlflowClient
+
+    from intraneuron.cli import run_job as tracked_job
+    from intraneuron.paths import CONF_DIR
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def run(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"tracking.tracking_uri={uri}"])
+        return tracked_job(cfg), MlflowClient(uri)
+
+    return run

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from intraneuron.analysis.bottomup import (
+from intraneuron.analyses.two_fold.bottomup import (
     _homogeneity_null_loop,
     _successive_null_loop,
     bottom_up,
@@ -17,7 +17,7 @@ from intraneuron.analysis.bottomup import (
     segment_homogeneity,
     successive_similarity,
 )
-from intraneuron.analysis.segmentation import equal_count_segments, top_segments
+from intraneuron.analyses.two_fold.segmentation import equal_count_segments, top_segments
 from intraneuron.errors import ConfigError
 
 
@@ -52,7 +52,7 @@ def _homogeneity_reference(X, labels, n_segments, measure):
 # the complement path); 4 segments with an empty one and a singleton.
 _LABELS = {
     "equal_count": lambda acts: (equal_count_segments(acts, 10), 10),
-    "top": lambda acts: (top_segments(acts, 0.5), 2),
+    "top_fraction": lambda acts: (top_segments(acts, 0.5), 2),
     "gaps": lambda acts: (np.where(np.arange(acts.size) == 0, 3, np.arange(acts.size) % 2), 4),
 }
 

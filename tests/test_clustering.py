@@ -5,16 +5,16 @@ import pytest
 from sklearn.cluster import AgglomerativeClustering, SpectralClustering
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
-from intraneuron.analysis.clustering import (
-    PRESETS,
+from intraneuron.analyses.two_fold.clustering import (
+    ClusteringConfig,
     CosineSpectralClustering,
     categories_from_labels,
     clusterer_factory,
-    clusterer_from_config,
     fit_categories,
     preset_factory,
 )
 from intraneuron.errors import ConfigError
+from intraneuron.paths import CONF_DIR
 
 
 def planted(n_per=20, n_clusters=4, d=64, spread=0.35, seed=0):
@@ -70,10 +70,13 @@ def test_one_tree_cut_at_each_k_equals_refitting_sklearn(linkage, metric, normal
         assert adjusted_rand_score(reference, ranged.labels) == 1.0
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_is_built_from_its_target_config_and_separates_planted_clusters(name):
+CLUSTERERS = sorted(p.stem for p in (CONF_DIR / "clustering").glob("*.yaml") if p.stem != "wordnet")
+
+
+@pytest.mark.parametrize("name", CLUSTERERS)
+def test_every_clusterer_option_is_built_from_its_target_config_and_separates_planted_clusters(name):
     X, truth = planted(n_per=25)
-    factory, normalize = clusterer_from_config(PRESETS[name])
+    factory, normalize = preset_factory(name)
     fit = fit_categories(X, factory, n_categories=None if name == "hdbscan" else 4, normalize=normalize)
     assert fit.skipped is None
     covered = fit.labels >= 0
@@ -149,12 +152,27 @@ def test_bad_k_settings_raise_config_error(kwargs, key):
         fit_categories(np.eye(5), factory, **kwargs)
 
 
-def test_bad_targets_raise_config_error():
-    with pytest.raises(ConfigError, match="clustering._target_"):
-        clusterer_from_config({"_target_": "sklearn.cluster.NoSuchClusterer"})
-    with pytest.raises(ConfigError, match="clustering._target_"):
-        clusterer_from_config({"_target_": "numpy.ndarray"})
-    with pytest.raises(ConfigError, match="clustering.n_clusters"):
-        clusterer_from_config({"_target_": "sklearn.cluster.KMeans", "n_clusters": 3})
-    with pytest.raises(ConfigError, match="clustering.preset"):
+@pytest.mark.parametrize(
+    ("estimator", "key"),
+    [
+        ({"_target_": "sklearn.cluster.NoSuchClusterer"}, "clustering.estimator._target_"),
+        ({"_target_": "numpy.ndarray"}, "clustering.estimator._target_"),
+        ({"_target_": "builtins.open"}, "clustering.estimator._target_"),
+        ({"_target_": "sklearn.cluster.KMeans", "n_clusters": 3}, "clustering.estimator.n_clusters"),
+        ({"_target_": "sklearn.cluster.KMeans", "bogus_kw": 3}, "clustering.estimator.bogus_kw"),
+        ({"_target_": "sklearn.cluster.AgglomerativeClustering", "linkage": "bogus"},
+         "clustering.estimator.linkage"),
+        ({"_target_": "sklearn.cluster.AgglomerativeClustering",
+          "memory": {"_target_": "builtins.open", "file": "/etc/hostname"}},
+         "clustering.estimator.memory._target_"),
+    ],
+)
+def test_bad_estimators_raise_config_error_naming_the_key(estimator, key):
+    with pytest.raises(ConfigError) as caught:
+        ClusteringConfig(estimator=estimator).validate()
+    assert caught.value.key == key
+
+
+def test_an_unknown_clusterer_option_lists_the_options():
+    with pytest.raises(ConfigError, match="ward"):
         preset_factory("birch")

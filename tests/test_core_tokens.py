@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from intraneuron.analysis import core_tokens
-from intraneuron.analysis.core_tokens import select_core_tokens, token_filter_mask
+from intraneuron.analyses.two_fold import core_tokens
+from intraneuron.analyses.two_fold.core_tokens import select_core_tokens, token_filter_mask
 from intraneuron.errors import ConfigError
 
 

@@ -377,7 +377,7 @@ def test_text_files_txt_and_jsonl(text_dir):
     )
     assert documents == ["First file, déjà vu.\n", "Second file.\n", "record one", "record two"]
     assert list(text_files(text_dir, text_field="body")) == documents  # a directory, sorted
-    with pytest.raises(ConfigError, match="corpus.text_field='text'"):
+    with pytest.raises(ConfigError, match="corpus.options.text_field='text'"):
         list(text_files(text_dir / "docs.jsonl"))
 
 
@@ -399,7 +399,7 @@ def test_missing_files_are_named(tmp_path):
 
 def test_empty_inputs_are_config_errors(gpt2, tmp_path):
     (tmp_path / "blank.txt").write_text("  \n\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="corpus.paths") as error:
+    with pytest.raises(ConfigError, match="corpus.options.paths") as error:
         list(text_files(tmp_path / "blank.txt"))
     assert error.value.allowed == "files containing text"
     (tmp_path / "notes.md").write_text("x", encoding="utf-8")
@@ -408,9 +408,9 @@ def test_empty_inputs_are_config_errors(gpt2, tmp_path):
 
     with pytest.raises(ConfigError) as error:
         build(["Too short."], gpt2, tmp_path, window_len=64)
-    assert error.value.key == "corpus"
+    assert error.value.key == "corpus.window_len"
     assert "3 tokens" in str(error.value) and "window_len=64" in str(error.value)
-    with pytest.raises(ConfigError, match="corpus='0 tokens'"):
+    with pytest.raises(ConfigError, match=r"corpus.window_len=.*\(0 tokens\)"):
         build([], gpt2, tmp_path)
     assert list((tmp_path / "corpus").iterdir()) == []
 
@@ -453,5 +453,5 @@ def test_hf_dataset_streams_the_text_field(monkeypatch):
         "another",
     ]
     assert calls == [("wikitext", "raw", "test", True, None)]
-    with pytest.raises(ConfigError, match="corpus.text_field='content'"):
+    with pytest.raises(ConfigError, match="corpus.options.text_field='content'"):
         list(hf_dataset("wikitext", text_field="content"))

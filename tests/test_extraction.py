@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
 from intraneuron.errors import ConfigError
-from intraneuron.extraction import ExtractionSettings, extract_profiles
+from intraneuron.extraction import ExtractionConfig, extract_profiles
 from intraneuron.extraction.cache import ProfileCache
 from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
 
-SETTINGS = ExtractionSettings(top_k=7, batch_size=5, hist_min=-1.0, hist_max=1.0, hist_bins=16, progress=False)
+SETTINGS = ExtractionConfig(top_k=7, batch_size=5, hist_min=-1.0, hist_max=1.0, hist_bins=16, progress=False)
 
 
 def full_activations(handle, windows, layer: int):
@@ -50,6 +52,8 @@ def test_per_type_tables_equal_brute_force(profile_and_reference):
     types, counts = torch.unique(ids, return_counts=True)
     assert torch.equal(profile["type_ids"], types)
     assert torch.equal(profile["type_count"], counts)
+    assert torch.equal(profile["resid_ids"], types)
+    assert torch.equal(profile["resid_count"], counts)
     onehot = (ids[None, :] == types[:, None]).double()  # [T, N]
     assert torch.allclose(profile["type_mean"].double(), onehot @ A / counts[:, None], atol=1e-6)
     assert torch.allclose(profile["resid_mean"].double(), onehot @ R / counts[:, None], atol=1e-5)
@@ -94,8 +98,8 @@ def test_reducers_merge_across_shards_like_one_pass():
             _feed(r, acts[sl], ids[sl], pos[sl])
     for merged, other, reference in zip(halves[0], halves[1], whole, strict=True):
         merged.merge(other)
-        a = merged.state_dict("t") if isinstance(merged, TokenTypeTable) else merged.state_dict()
-        b = reference.state_dict("t") if isinstance(reference, TokenTypeTable) else reference.state_dict()
+        a, b = merged.state_dict(), reference.state_dict()
+        assert a.keys() == b.keys()
         for key in b:
             assert torch.allclose(a[key].double(), b[key].double(), atol=1e-5), key
 
@@ -139,7 +143,7 @@ def test_cache_hit_skips_forward_and_corruption_is_rebuilt(tiny_gpt2, small_wind
             for key, value in first[layer].tensors.items():
                 assert torch.equal(value, second[layer][key]), key
         # an analysis-only difference (batch size) must hit the same entries
-        other_batching = ExtractionSettings(**{**SETTINGS.__dict__, "batch_size": 3})
+        other_batching = dataclasses.replace(SETTINGS, batch_size=3)
         extract_profiles(tiny_gpt2, small_windows, [1], other_batching, cache)
         assert len(forwards) == n_first
 
@@ -172,10 +176,13 @@ def test_truncated_entry_is_rebuilt(tiny_gpt2, small_windows, tmp_path):
 @pytest.mark.parametrize(
     ("settings", "key"),
     [
-        (ExtractionSettings(top_k=0), "extraction.top_k"),
-        (ExtractionSettings(batch_size=0), "extraction.batch_size"),
-        (ExtractionSettings(hist_min=1.0, hist_max=0.0), "extraction.hist_"),
-        (ExtractionSettings(skip_first_positions=32), "extraction.skip_first_positions"),
+        (ExtractionConfig(top_k=0), "extraction.top_k"),
+        (ExtractionConfig(batch_size=0), "extraction.batch_size"),
+        (ExtractionConfig(hist_min=1.0, hist_max=0.0), "extraction.hist_min"),
+        (ExtractionConfig(hist_bins=0), "extraction.hist_bins"),
+        (ExtractionConfig(site="mlp.hook_out"), "extraction.site"),
+        (ExtractionConfig(input_site="hook_resid_post"), "extraction.input_site"),
+        (ExtractionConfig(skip_first_positions=32), "extraction.skip_first_positions"),
     ],
 )
 def test_bad_settings_fail_before_any_forward(tiny_gpt2, small_windows, settings, key):
@@ -222,3 +229,60 @@ def _independent_neuron_module(model, arch, layer):
     if arch == "llama":
         return model.model.layers[layer].mlp.down_proj
     return model.base_model.encoder.layer[layer].intermediate
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"top_k": True}, "extraction.top_k"),
+        ({"site": "mlp.hook_out"}, "extraction.site"),
+        ({"input_site": "hook_resid_post"}, "extraction.input_site"),
+        ({"track_type_max": "yes"}, "extraction.track_type_max"),
+        ({"hist_min": float("nan")}, "extraction.hist_min"),
+        ({"hist_max": float("inf")}, "extraction.hist_max"),
+        ({"hist_min": 10.0}, "extraction.hist_min"),
+        ({"hist_bins": 2.5}, "extraction.hist_bins"),
+        ({"skip_first_positions": -1}, "extraction.skip_first_positions"),
+        ({"batch_size": 0}, "extraction.batch_size"),
+        ({"device": "gpu 0"}, "extraction.device"),
+        ({"progress": 1}, "extraction.progress"),
+    ],
+)
+def test_validate_names_the_exact_key(change, key):
+    with pytest.raises(ConfigError) as err:
+        dataclasses.replace(ExtractionConfig(), **change).validate()
+    assert err.value.key == key
+    ExtractionConfig(input_site=None, site="mlp.hook_pre", device="cuda:1").validate()
+    assert "batch_size" not in ExtractionConfig().key_fields()
+
+
+def test_config_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, intraneuron.extraction.config; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_smaller_spec_keeps_the_same_numbers(tiny_gpt2, small_windows, tmp_path):
+    full = extract_profiles(tiny_gpt2, small_windows, [1], SETTINGS, cache=None)[1]
+    cache = ProfileCache(tmp_path)
+    part = extract_profiles(tiny_gpt2, small_windows, [1], SETTINGS, cache, stats={"topk", "histogram"})[1]
+    assert set(part.tensors) == {"topk_values", "topk_positions", "topk_token_ids", "hist_edges", "hist_counts"}
+    for key, value in part.tensors.items():
+        assert torch.equal(value, full[key]), key
+    assert part.input_site is None
+    # only the layer input: the neuron site is not read at all
+    inputs = extract_profiles(tiny_gpt2, small_windows, [1], SETTINGS, cache, stats=["input_token_types"])[1]
+    assert set(inputs.tensors) == {"resid_ids", "resid_count", "resid_mean"}
+    assert torch.equal(inputs["resid_mean"], full["resid_mean"])
+    assert len(list(cache.root.iterdir())) == 2
+
+
+def test_input_stat_without_input_site_fails_before_any_forward(tiny_gpt2, small_windows):
+    no_input = dataclasses.replace(SETTINGS, input_site=None)
+    profile = extract_profiles(tiny_gpt2, small_windows, [0], no_input, cache=None)[0]  # default: skip it
+    assert "resid_mean" not in profile.tensors and profile.input_site is None
+    with pytest.raises(ConfigError) as err:
+        extract_profiles(tiny_gpt2, small_windows, [0], no_input, cache=None, stats=["input_token_types"])
+    assert err.value.key == "extraction.input_site"

@@ -5,8 +5,8 @@ import pytest
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from intraneuron.analysis.bottomup import cosine_matrix
-from intraneuron.analysis.homomorphism import (
+from intraneuron.analyses.two_fold.bottomup import cosine_matrix
+from intraneuron.analyses.two_fold.homomorphism import (
     _mantel_null_loop,
     mantel_activation_cosine,
     partition_agreement,

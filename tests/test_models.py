@@ -306,13 +306,13 @@ def test_site_reads_hidden_states_passed_by_keyword():
 def test_unknown_architecture_lists_supported_ones(tmp_path):
     from transformers import T5Config
 
-    with pytest.raises(ConfigError, match=r"model='t5' is not allowed: expected one of .*'gpt2'.*'llama'"):
+    with pytest.raises(ConfigError, match=r"model.source='t5' is not allowed: expected one of .*'gpt2'.*'llama'"):
         adapter_for(T5Config())
     with pytest.raises(ConfigError, match=r"model='made_up'.*'bert'.*'gpt_neox'"):
         adapter_for(SimpleNamespace(model_type="made_up"))
     # a directory holding only a T5 config: rejected from the config, before any weights are read
     T5Config(num_layers=1).save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="model='t5'"):
+    with pytest.raises(ConfigError, match="model.source='t5'"):
         load_model(str(tmp_path))
 
 

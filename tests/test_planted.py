@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from intraneuron.analysis.aggregate import aggregate_layer
-from intraneuron.analysis.neuron import ROW_KEYS, analyse_neuron
+from intraneuron.analyses.two_fold.aggregate import aggregate_layer
+from intraneuron.analyses.two_fold.neuron import ROW_KEYS, analyse_neuron
 
 ALPHA = 0.05
 N_CATEGORIES, PER_CATEGORY, D = 4, 25, 64

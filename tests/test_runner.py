@@ -1,5 +1,6 @@
-"""End to end through the real CLI: Hydra multiruns of the real pipeline (tiny random GPT-2, 8k
-tokens of the default corpus) with the basic and the joblib launcher, read back with MlflowClient."""
+"""End to end: real Hydra multiruns through the CLI (tiny random GPT-2, 8k tokens of the default
+corpus) with the basic and the joblib launcher, and single jobs run in process the way the CLI runs
+them; everything is read back with MlflowClient."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from intraneuron.cli import CONF_DIR
-from intraneuron.paths import vendor_dir
+from intraneuron.paths import CONF_DIR
+from intraneuron.reports.artifacts import load_table
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: 32 neurons, few permutations. Layer 5 does not exist in the 3-layer model, so
@@ -28,16 +29,14 @@ TINY = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=8192", "layer=[0,1]
 
 
 def launch(cwd: Path, *overrides: str, base: list[str] = BASE) -> subprocess.CompletedProcess[str]:
-    cache = cwd / "cache"
-    cache.mkdir(exist_ok=True)
-    if not (cache / "vendor").exists():
-        (cache / "vendor").symlink_to(vendor_dir())  # the Debian texts, unpacked by the set-up
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env["INTRANEURON_CACHE"] = str(cache)
+    env["INTRANEURON_CACHE"] = str(cwd / "cache")  # the Debian texts are still found in the project
     flags = [o for o in overrides if o.startswith("--")]  # argparse wants them before overrides
     overrides = tuple(o for o in overrides if not o.startswith("--"))
-    command = [sys.executable, "-m", "intraneuron", *flags, *base, *overrides,
-               "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=e2e"]  # fmt: skip
+    tracking = [] if any(o.startswith("tracking.tracking_uri=") for o in overrides) else [
+        "tracking.tracking_uri=sqlite:///store/mlflow.db"]  # fmt: skip
+    command = [sys.executable, "-m", "intraneuron", *flags, *base, *overrides, *tracking,
+               "tracking.experiment=e2e"]  # fmt: skip
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -113,14 +112,21 @@ def test_basic_launcher_sweep_lands_every_job_and_records_the_failures(basic_swe
     check_sweep(cwd, done, [0, 1, 5], ["ward", "kmeans"])
 
 
-def test_a_sweep_over_analysis_keys_extracts_each_layer_once_and_a_rerun_extracts_nothing(basic_sweep):
-    cwd, _ = basic_sweep
-    first = profile_entries(cwd)
+def test_jobs_over_analysis_keys_extract_each_layer_once_and_a_rerun_extracts_nothing(
+    run_job, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("INTRANEURON_CACHE", str(tmp_path / "cache"))
+    caplog.set_level("INFO", logger="intraneuron.extraction")
+    for clustering in ("ward", "kmeans"):
+        summary, _ = run_job(*TINY, f"clustering={clustering}")
+        assert sorted(summary.layers) == [0, 1]
+    first = profile_entries(tmp_path)
     assert len(first) == 2  # layers 0 and 1; the clusterer does not change the extraction
-    rerun = launch(cwd, "--multirun", "layer=0,1", "clustering=ward,average_cosine")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert profile_entries(cwd) == first  # same entries, untouched
-    assert (rerun.stdout + rerun.stderr).count("profile from cache") == 4
+    assert caplog.text.count("profile from cache") == 2  # the second job read both
+    for clustering in ("ward", "average_cosine"):
+        run_job(*TINY, f"clustering={clustering}")
+    assert profile_entries(tmp_path) == first  # same entries, untouched
+    assert caplog.text.count("profile from cache") == 6
 
 
 @pytest.mark.slow
@@ -131,18 +137,20 @@ def test_joblib_launcher_runs_two_jobs_at_a_time_and_lands_every_job(tmp_path):
     check_sweep(tmp_path, done, [0, 1, 5], ["ward", "kmeans"])
 
 
-PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "smoke")
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem != "smoke")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", PRESETS)
-def test_every_experiment_preset_runs_on_the_tiny_model(preset, tmp_path):
-    done = launch(tmp_path, f"experiment={preset}", base=TINY)
+def test_every_experiment_preset_runs_on_the_tiny_model_in_one_multirun(tmp_path):
+    done = launch(tmp_path, "--multirun", f"experiment={','.join(EXPERIMENTS)}", base=TINY)
     assert done.returncode == 0, done.stderr[-3000:]
     _, runs = runs_of(tmp_path)
-    assert [r.info.status for r in runs] == ["FINISHED"]
-    assert runs[0].data.metrics["layer_0/neurons/analysed"] > 0
-    assert runs[0].data.metrics["layer_1/neurons/analysed"] > 0
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == len(EXPERIMENTS)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["layer_0/neurons/analysed"] > 0
+        assert run.data.metrics["layer_1/neurons/analysed"] > 0
 
 
 @pytest.mark.slow
@@ -156,33 +164,51 @@ def test_every_sweep_preset_runs_on_the_tiny_model(preset, tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_a_missing_static_checkpoint_fails_before_the_extraction(tmp_path):
-    done = launch(tmp_path, "layer=0", "embedding=gpt2_xl_static",
-                  f"embedding.checkpoint={tmp_path}/no-such-checkpoint",
-                  f"embedding.tokenizer={tmp_path}/no-such-checkpoint", base=TINY)  # fmt: skip
-    assert done.returncode == 1
-    assert "Traceback" not in done.stderr and "MissingAssetError" in done.stderr
+def test_a_missing_static_checkpoint_fails_before_the_extraction(run_job, tmp_path, monkeypatch):
+    from intraneuron.errors import MissingAssetError
+
+    monkeypatch.setenv("INTRANEURON_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MissingAssetError, match="no-such-checkpoint"):
+        run_job(*TINY, "layer=0", "embedding=gpt2_xl_static",
+                f"embedding.checkpoint={tmp_path}/no-such-checkpoint",
+                f"embedding.tokenizer={tmp_path}/no-such-checkpoint")  # fmt: skip
     assert not (tmp_path / "cache" / "profiles").exists()  # nothing was extracted
-    _, runs = runs_of(tmp_path)
-    assert [r.info.status for r in runs] == ["FAILED"]
-    assert "no-such-checkpoint" in runs[0].data.tags["error"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("intraneuron").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "no-such-checkpoint" in run.data.tags["error"]
 
 
-def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(tmp_path):
+def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(run_job, tmp_path):
     # tiny-llama analysed, tiny-gpt2's input embeddings as the "static" checkpoint: laid out like
     # GPT-2's (transformer.wte.weight [50257, 32]) and read alone from its safetensors file.
     from intraneuron.models.tiny import tiny_gpt2
 
     checkpoint = tiny_gpt2(tmp_path / "static-checkpoint")
-    done = launch(tmp_path, "model=tiny-llama", "layer=1", "embedding=gpt2_xl_static",
-                  f"embedding.checkpoint={checkpoint}", f"embedding.tokenizer={checkpoint}",
-                  base=TINY)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    client, (run,) = runs_of(tmp_path)
+    summary, client = run_job(*TINY, "model=tiny-llama", "layer=1", "embedding=gpt2_xl_static",
+                              f"embedding.checkpoint={checkpoint}", f"embedding.tokenizer={checkpoint}")  # fmt: skip
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
     assert run.data.params["embedding.source"] == "static"
     assert run.data.metrics["layer_1/embedding/unembedded_frac"] == 0.0  # same vocabulary
-    table = pd.read_parquet(download_artifacts(
-        run_id=run.info.run_id, artifact_path="layer_1/tables/neurons.parquet",
-        tracking_uri=client.tracking_uri,
-    ))  # fmt: skip
+    table = load_table(client, run.info.run_id, 1, "neurons")
     assert len(table) == 32 and (table["skipped"] == "").all()
+
+
+def test_the_cli_runs_from_another_directory_with_the_cache_elsewhere_and_chdir(tmp_path):
+    """The default corpus (Debian texts) and WordNet are found wherever INTRANEURON_CACHE points
+    and whatever the working directory, also when Hydra moves each job into its output folder;
+    the relative tracking URI is the launch directory's mlruns/."""
+    done = launch(tmp_path, "--multirun", "clustering=ward,wordnet", "layer=0",
+                  "hydra.job.chdir=true", "corpus=gutenberg", "corpus.max_tokens=8192",
+                  "tracking.tracking_uri=sqlite:///mlruns/mlflow.db", base=TINY[:1] + TINY[4:])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.params["clustering.categories"] for r in children) == ["clusterer", "wordnet"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    wordnet = next(r for r in children if r.data.params["clustering.categories"] == "wordnet")
+    assert wordnet.data.metrics["layer_0/categories/label_coverage_mean"] > 0
+    assert (tmp_path / "cache" / "profiles").is_dir()  # INTRANEURON_CACHE, not the project's .cache
+    assert not list((tmp_path / "multirun").rglob("mlruns"))  # nothing written relative to the job dirs

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from intraneuron.analysis.segmentation import (
+from intraneuron.analyses.two_fold.segmentation import (
     SCHEMES,
     equal_count_segments,
     equal_width_segments,
@@ -148,7 +148,7 @@ def test_segment_dispatches_to_the_named_scheme_with_zero_as_the_top(scheme):
         "equal_width": lambda: equal_width_segments(acts, 4),
         "jenks": lambda: jenks_segments(acts, 4),
         "kmeans": lambda: kmeans_segments(acts, 4, seed=1),
-        "top": lambda: top_segments(acts, 0.5),
+        "top_fraction": lambda: top_segments(acts, 0.5),
     }[scheme]()
     np.testing.assert_array_equal(labels, direct)
     assert labels[np.argmax(acts)] == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from intraneuron.analysis.topdown import (
+from intraneuron.analyses.two_fold.topdown import (
     category_stats,
     holm_adjust,
     level_relation,

@@ -30,8 +30,10 @@ from intraneuron.tracking import (
     mlflow_params,
     tracked_run,
 )
+from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import TRUNCATION_MARKER
-from intraneuron.tracking.run import RunLogger, resolve, transportable
+from intraneuron.tracking.run import transportable
+from intraneuron.tracking.store import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_APP = REPO / "tests" / "toy_app" / "app.py"

@@ -18,7 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.artifacts import download_artifacts  # noqa: E402
+
+from intraneuron.reports.artifacts import layer_metric, load_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = {  # layer metric -> column title
@@ -44,11 +45,7 @@ def job_label(run) -> str:
 
 
 def table(client: MlflowClient, run, layer: int, name: str) -> pd.DataFrame:
-    path = download_artifacts(
-        run_id=run.info.run_id, artifact_path=f"layer_{layer}/tables/{name}.parquet",
-        tracking_uri=client.tracking_uri,
-    )  # fmt: skip
-    return pd.read_parquet(path)
+    return load_table(client, run.info.run_id, layer, name)
 
 
 def main() -> None:
@@ -75,7 +72,7 @@ def main() -> None:
         for layer in layers:
             metrics = run.data.metrics
             rows.append({"job (rule / embedding)": job_label(run), "layer": layer}
-                        | {title: metrics.get(f"layer_{layer}/{key}") for key, title in COLUMNS.items()})  # fmt: skip
+                        | {title: metrics.get(layer_metric(layer, key)) for key, title in COLUMNS.items()})  # fmt: skip
     results = pd.DataFrame(rows)
     first = children[0].data.params
     header = (

@@ -7,6 +7,7 @@ cheap, stable description of a source's content for those cache keys.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import inspect
@@ -90,20 +91,20 @@ def resolve_text_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
-                raise MissingAssetError(f"corpus.paths: no file matches {pattern!r}")
+                raise MissingAssetError(f"corpus.options.paths: no file matches {pattern!r}")
             candidates = [Path(m) for m in matches if Path(m).is_file()]
         elif Path(pattern).is_dir():
             candidates = sorted(p for p in Path(pattern).rglob("*") if p.suffix in _TEXT_SUFFIXES)
         elif Path(pattern).is_file():
             candidates = [Path(pattern)]
         else:
-            raise MissingAssetError(f"corpus.paths: {pattern} does not exist")
+            raise MissingAssetError(f"corpus.options.paths: {pattern} does not exist")
         for candidate in candidates:
             if candidate.suffix not in _TEXT_SUFFIXES:
-                raise ConfigError("corpus.paths", str(candidate), ".txt or .jsonl files")
+                raise ConfigError("corpus.options.paths", str(candidate), ".txt or .jsonl files")
         files.extend(candidates)
     if not files:
-        raise ConfigError("corpus.paths", [str(p) for p in paths], "files containing text")
+        raise ConfigError("corpus.options.paths", [str(p) for p in paths], "files containing text")
     return files
 
 
@@ -121,7 +122,7 @@ def _read_text_files(files: list[Path], text_field: str) -> Iterator[str]:
                 n_documents += 1
                 yield document
     if n_documents == 0:
-        raise ConfigError("corpus.paths", [str(p) for p in files], "files containing text")
+        raise ConfigError("corpus.options.paths", [str(p) for p in files], "files containing text")
 
 
 def _documents_of(path: Path, text_field: str) -> Iterator[str]:
@@ -136,12 +137,12 @@ def _documents_of(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ConfigError(
-                    "corpus.paths", f"{path}:{line_number}", f"one JSON object per line ({error})"
+                    "corpus.options.paths", f"{path}:{line_number}", f"one JSON object per line ({error})"
                 ) from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ConfigError(
-                    "corpus.text_field",
+                    "corpus.options.text_field",
                     text_field,
                     f"a string field of every record; {path}:{line_number} has {found}",
                 )
@@ -171,7 +172,7 @@ def _read_records(records: Iterable[dict], text_field: str, where: str) -> Itera
     for record in records:
         if text_field not in record:
             raise ConfigError(
-                "corpus.text_field", text_field, f"one of the columns of {where}: {sorted(record)}"
+                "corpus.options.text_field", text_field, f"one of the columns of {where}: {sorted(record)}"
             )
         if record[text_field]:
             yield record[text_field]
@@ -194,9 +195,40 @@ def _bind(kind: str, options: dict) -> tuple[Callable[..., Iterator[str]], inspe
         bound = signature.bind(**options)
     except TypeError as error:
         allowed = ", ".join(signature.parameters) or "no options"
-        raise ConfigError(f"corpus ({kind})", options, f"options {allowed} ({error})") from None
+        raise ConfigError("corpus.options", options, f"options of corpus.source={kind!r}: {allowed} ({error})") from None
     bound.apply_defaults()
     return read, bound
+
+
+def check_source(kind: str, options: dict) -> None:
+    """Everything about a source that can be checked before a model loads: its options bind, its
+    packaged files are unpacked, and local files exist, are non-empty, decode as UTF-8 and (JSONL)
+    have the text field in their first record."""
+    _, bound = _bind(kind, options)
+    if kind in PROVENANCE:
+        _vendored_files(kind)
+    elif kind == "text_files":
+        for path in resolve_text_files(bound.arguments["paths"]):
+            _check_text_file(path, bound.arguments["text_field"])
+
+
+def _check_text_file(path: Path, text_field: str) -> None:
+    if path.stat().st_size == 0:
+        raise ConfigError("corpus.options.paths", str(path), "non-empty files (this one is empty)")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as raw:
+        offset = 0
+        while chunk := raw.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise ConfigError(
+                    "corpus.options.paths", str(path),
+                    f"UTF-8 text files (byte {offset + error.start} does not decode)",
+                ) from None
+            offset += len(chunk)
+    if path.suffix == ".jsonl":
+        next(_documents_of(path, text_field), None)  # the first record has the field, or this raises
 
 
 def load_source(kind: str, **options) -> Iterator[str]:

@@ -248,7 +248,7 @@ def _check_options(tokenizer, window_len, max_tokens, prepend_bos) -> tuple[int,
         separator_id = tokenizer.sep_token_id
     if separator_id is None:
         raise ConfigError(
-            "tokenizer",
+            "model.source",
             type(tokenizer).__name__,
             "a tokenizer with an EOS or SEP token to separate documents",
         )
@@ -304,9 +304,9 @@ def build_windows(
         )
         if n_windows == 0:
             raise ConfigError(
-                "corpus",
-                f"{n_stream} tokens",
-                f"at least {step} tokens to fill one window of window_len={window_len}",
+                "corpus.window_len",
+                window_len,
+                f"at most the corpus length ({n_stream} tokens) to fill one window",
             )
         _raw_to_npy(staging / "tokens.raw", staging / "tokens.npy", n_windows, window_len)
         manifest = {

@@ -26,7 +26,7 @@ from intraneuron.errors import ConfigError, MissingAssetError
 
 logger = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("static", "model", "layer_input")
+SOURCE_KINDS = ("static", "model_input", "layer_input")
 MULTI_TOKEN_POLICIES = ("mean", "drop")
 DEFAULT_STATIC_CHECKPOINT = "openai-community/gpt2-xl"
 
@@ -223,7 +223,7 @@ def embedding_source_from_config(
 ) -> EmbeddingSource:
     """Build the source named by `cfg` (the `embedding` config group), checking it before loading.
 
-    cfg keys: `source` ("static" | "model" | "layer_input"); for "static" also `checkpoint`,
+    cfg keys: `source` ("static" | "model_input" | "layer_input"); for "static" also `checkpoint`,
     `tokenizer`, `tensor_name`, `revision`, `local_files_only`, `multi_token` ("mean" | "drop").
     The caller passes what the source needs: the analysed tokenizer (static), the model (model), or
     the extraction's layer-input sums and counts (layer_input).
@@ -246,9 +246,9 @@ def embedding_source_from_config(
             local_files_only=bool(cfg.get("local_files_only", False)),
             multi_token=multi_token,
         )
-    if kind == "model":
+    if kind == "model_input":
         if model is None:
-            raise ValueError("embedding.source='model' needs the analysed model")
+            raise ValueError("embedding.source='model_input' needs the analysed model")
         return ModelEmbeddings.from_model(model)
     if resid_sum is None or counts is None:
         raise ValueError(

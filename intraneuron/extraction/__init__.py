@@ -1,6 +1,55 @@
-"""Streaming extraction: one forward pass over a corpus -> per-neuron activation profiles, cached."""
+"""Streaming extraction: one forward pass over a corpus -> per-neuron activation profiles, cached.
 
-from intraneuron.extraction.engine import ExtractionSettings, extract_profiles
-from intraneuron.extraction.profile import ActivationProfile
+Names load on first use (PEP 562), so `intraneuron.extraction.config` is importable without torch.
+"""
 
-__all__ = ["ActivationProfile", "ExtractionSettings", "extract_profiles"]
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_SOURCES = {
+    "ExtractionConfig": "config",
+    "ActivationProfile": "profile",
+    "extract_profiles": "engine",
+    "profile_key_fields": "engine",
+    "ALL_STATS": "stats",
+    "STAT_NAMES": "stats",
+    "CombinedStat": "stats",
+    "Stat": "reducers",
+    "Patch": "patching",
+    "patch_sites": "patching",
+}
+# Older name of ExtractionConfig, still imported by code outside this package.
+_ALIASES = {"ExtractionSettings": ("config", "ExtractionConfig")}
+
+__all__ = [
+    "ALL_STATS", "STAT_NAMES", "ActivationProfile", "CombinedStat", "ExtractionConfig", "Patch", "Stat",
+    "extract_profiles", "patch_sites", "profile_key_fields",
+]
+
+if TYPE_CHECKING:
+    from intraneuron.extraction.config import ExtractionConfig
+    from intraneuron.extraction.engine import extract_profiles, profile_key_fields
+    from intraneuron.extraction.patching import Patch, patch_sites
+    from intraneuron.extraction.profile import ActivationProfile
+    from intraneuron.extraction.reducers import Stat
+    from intraneuron.extraction.stats import ALL_STATS, STAT_NAMES, CombinedStat
+
+    ExtractionSettings = ExtractionConfig
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        module, attr = _SOURCES[name], name
+    elif name in _ALIASES:
+        module, attr = _ALIASES[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_SOURCES, *_ALIASES])

@@ -26,7 +26,7 @@ from intraneuron.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 1  # bump when a change to the engine changes the numbers it writes
+ENGINE_VERSION = 2  # bump when a change to the engine changes the numbers it writes or the key
 
 
 def cache_key(fields: dict) -> str:

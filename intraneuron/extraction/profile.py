@@ -22,7 +22,9 @@ class ActivationProfile:
     window_len: int
     n_tokens: int
     tensors: dict[str, torch.Tensor] = field(repr=False)
-    # type_ids [T], type_count [T], type_mean [T, D], type_max [T, D], resid_mean [T, M],
+    # Present by stat spec (see extraction/stats.py):
+    # type_ids [T], type_count [T], type_mean [T, D], type_max [T, D],
+    # resid_ids [T'], resid_count [T'], resid_mean [T', M] (same types as type_* when both are there),
     # topk_values [D, K] (descending), topk_positions [D, K] (global position = window * window_len + pos),
     # topk_token_ids [D, K], act_* [D] moments, hist_edges [B + 1], hist_counts [D, B + 2]
 

@@ -1,19 +1,51 @@
 """Streaming, mergeable statistics over activation batches (in the spirit of baukit's runningstats).
 
-Every reducer takes batches with `add(...)`, combines with another reducer over a different corpus
-shard with `merge(other)`, and exports tensors with `state_dict()`. Memory is fixed by the number of
-neurons, k, the vocabulary and the histogram bins; it never grows with corpus length.
+Every `Stat` takes batches with `add(...)` (its own natural arguments), combines with the same stat
+over another corpus shard with `merge(other)`, exports tensors whose names all start with a prefix
+with `state_dict(prefix)`, and is rebuilt from those tensors with `load_state_dict(state, prefix)`,
+so a saved profile can be resumed or merged with a shard extracted elsewhere. Memory is fixed by the
+number of columns, k, the vocabulary and the histogram bins; it never grows with corpus length.
+
+Exported tensors are what analyses read (means, not float64 sums; float32 moments), so a rebuilt
+stat is exact in its counts, top-k, extremes and histogram, and carries its float64 accumulators
+(type sums, central moments) at float32 precision: about 1e-7 relative.
+
 Shapes: N = tokens in a batch (flattened over batch and position), D = neurons or model width,
-V = vocabulary size, K = top-k.
+V = vocabulary size, K = top-k, T = token types seen, B = histogram bins.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar, Self
+
 import torch
 
+State = dict[str, torch.Tensor]
 
-class TopK:
+
+class Stat:
+    """A streaming statistic: add batches, merge shards, save and rebuild."""
+
+    prefix: ClassVar[str]  # what `state_dict()` uses when no prefix is given
+
+    def add(self, *args: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def merge(self, other: Self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self, prefix: str | None = None) -> State:
+        raise NotImplementedError
+
+    @classmethod
+    def load_state_dict(cls, state: State, prefix: str | None = None) -> Self:
+        raise NotImplementedError
+
+
+class TopK(Stat):
     """The K largest values per column and the global token positions where they occurred."""
+
+    prefix = "topk"
 
     def __init__(self, k: int, width: int, device: torch.device | str = "cpu"):
         self.k = k
@@ -32,13 +64,25 @@ class TopK:
         self.values = top.values
         self.positions = torch.cat([self.positions, positions]).gather(0, top.indices)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, prefix: str | None = None) -> State:
+        p = prefix or self.prefix
         # [D, K]: one row per neuron reads more naturally downstream.
-        return {"topk_values": self.values.T.contiguous(), "topk_positions": self.positions.T.contiguous()}
+        return {f"{p}_values": self.values.T.contiguous(), f"{p}_positions": self.positions.T.contiguous()}
+
+    @classmethod
+    def load_state_dict(cls, state: State, prefix: str | None = None) -> TopK:
+        p = prefix or cls.prefix
+        values = state[f"{p}_values"]  # [D, K]
+        stat = cls(values.shape[1], values.shape[0], values.device)
+        stat.values = values.T.float().contiguous()
+        stat.positions = state[f"{p}_positions"].T.long().contiguous()
+        return stat
 
 
-class TokenTypeTable:
+class TokenTypeTable(Stat):
     """Per token type: occurrence count, activation sum (float64) and max, for every column."""
+
+    prefix = "type"
 
     def __init__(self, vocab_size: int, width: int, device: torch.device | str = "cpu", track_max: bool = True):
         self.count = torch.zeros(vocab_size, dtype=torch.long, device=device)  # [V]
@@ -49,7 +93,9 @@ class TokenTypeTable:
 
     def add(self, acts: torch.Tensor, token_ids: torch.Tensor) -> None:
         """acts [N, D]; token_ids [N]."""
-        self.count += torch.bincount(token_ids, minlength=self.count.numel())
+        count = torch.bincount(token_ids, minlength=self.count.numel())  # [>= V]
+        self._grow(count.numel())  # ids past a rebuilt table's vocabulary
+        self.count += count
         self.sum.index_add_(0, token_ids, acts.to(torch.float64))
         if self.max is not None:
             self.max.scatter_reduce_(
@@ -57,31 +103,62 @@ class TokenTypeTable:
             )
 
     def merge(self, other: TokenTypeTable) -> None:
-        self.count += other.count
-        self.sum += other.sum
+        if (self.max is None) != (other.max is None):
+            raise ValueError("cannot merge a table that tracks the per-type max with one that does not")
+        self._grow(other.count.numel())
+        n = other.count.numel()  # a table rebuilt from a profile may cover fewer types
+        self.count[:n] += other.count
+        self.sum[:n] += other.sum
         if self.max is not None:
-            torch.maximum(self.max, other.max, out=self.max)
+            torch.maximum(self.max[:n], other.max, out=self.max[:n])
 
-    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Only the observed types are exported: `{prefix}_ids` [T], `{prefix}_count` [T], mean and max [T, D]."""
+    def _grow(self, vocab_size: int) -> None:
+        extra = vocab_size - self.count.numel()
+        if extra <= 0:
+            return
+        self.count = torch.cat([self.count, self.count.new_zeros(extra)])
+        self.sum = torch.cat([self.sum, self.sum.new_zeros(extra, self.sum.shape[1])])
+        if self.max is not None:
+            self.max = torch.cat([self.max, self.max.new_full((extra, self.max.shape[1]), -torch.inf)])
+
+    def state_dict(self, prefix: str | None = None) -> State:
+        """Observed types only: `{p}_ids` [T], `{p}_count` [T], `{p}_mean` [T, D], `{p}_max` [T, D]."""
+        p = prefix or self.prefix
         seen = self.count.nonzero().squeeze(1)
         count = self.count[seen]
         out = {
-            "type_ids": seen,
-            "type_count": count,
-            f"{prefix}_mean": (self.sum[seen] / count[:, None]).float(),
+            f"{p}_ids": seen,
+            f"{p}_count": count,
+            f"{p}_mean": (self.sum[seen] / count[:, None]).float(),
         }
         if self.max is not None:
-            out[f"{prefix}_max"] = self.max[seen]
+            out[f"{p}_max"] = self.max[seen]
         return out
 
+    @classmethod
+    def load_state_dict(
+        cls, state: State, prefix: str | None = None, vocab_size: int | None = None
+    ) -> TokenTypeTable:
+        """Rebuild; `vocab_size` defaults to the largest seen id + 1 (merge grows it as needed)."""
+        p = prefix or cls.prefix
+        ids, count, mean = state[f"{p}_ids"].long(), state[f"{p}_count"].long(), state[f"{p}_mean"]
+        vocab = vocab_size if vocab_size is not None else (int(ids.max()) + 1 if ids.numel() else 0)
+        stat = cls(vocab, mean.shape[1], mean.device, track_max=f"{p}_max" in state)
+        stat.count[ids] = count
+        stat.sum[ids] = mean.double() * count[:, None]
+        if stat.max is not None:
+            stat.max[ids] = state[f"{p}_max"].float()
+        return stat
 
-class Moments:
+
+class Moments(Stat):
     """Count, mean, central moments M2..M4, min, max and positive fraction per column.
 
     Batches are combined with the pairwise update of Pébay (2008), which stays accurate where
     raw power sums lose precision (kurtosis of large-mean activations).
     """
+
+    prefix = "act"
 
     def __init__(self, width: int, device: torch.device | str = "cpu"):
         zeros = lambda: torch.zeros(width, dtype=torch.float64, device=device)  # noqa: E731
@@ -129,22 +206,41 @@ class Moments:
         self.positive = self.positive + o.positive
         self.min, self.max = torch.minimum(self.min, o.min), torch.maximum(self.max, o.max)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, prefix: str | None = None) -> State:
+        p = prefix or self.prefix
         var = self.m2 / self.n
         safe_var = var.clamp_min(1e-30)
         return {
-            "act_count": torch.tensor(self.n),
-            "act_mean": self.mean.float(),
-            "act_var": var.float(),
-            "act_skew": ((self.m3 / self.n) / safe_var**1.5).float(),
-            "act_kurt": ((self.m4 / self.n) / safe_var**2).float(),  # raw, Gaussian = 3
-            "act_min": self.min.float(),
-            "act_max": self.max.float(),
-            "act_frac_positive": (self.positive / self.n).float(),
+            f"{p}_count": torch.tensor(self.n),
+            f"{p}_mean": self.mean.float(),
+            f"{p}_var": var.float(),
+            f"{p}_skew": ((self.m3 / self.n) / safe_var**1.5).float(),
+            f"{p}_kurt": ((self.m4 / self.n) / safe_var**2).float(),  # raw, Gaussian = 3
+            f"{p}_min": self.min.float(),
+            f"{p}_max": self.max.float(),
+            f"{p}_frac_positive": (self.positive / self.n).float(),
         }
 
+    @classmethod
+    def load_state_dict(cls, state: State, prefix: str | None = None) -> Moments:
+        p = prefix or cls.prefix
+        mean = state[f"{p}_mean"].double()  # [D]
+        stat = cls(mean.shape[0], mean.device)
+        n = int(state[f"{p}_count"])
+        if n == 0:
+            return stat
+        var = state[f"{p}_var"].double()
+        safe_var = var.clamp_min(1e-30)  # the clamp state_dict divided by
+        stat.n, stat.mean, stat.m2 = n, mean, var * n
+        stat.m3 = state[f"{p}_skew"].double() * safe_var**1.5 * n
+        stat.m4 = state[f"{p}_kurt"].double() * safe_var**2 * n
+        # a count stored as a float32 fraction: exact while n < 2**23
+        stat.positive = (state[f"{p}_frac_positive"].double() * n).round()
+        stat.min, stat.max = state[f"{p}_min"].double(), state[f"{p}_max"].double()
+        return stat
 
-class Histogram:
+
+class Histogram(Stat):
     """Histogram per column on evenly spaced edges, with an underflow and an overflow bin.
 
     Bin b (1..B) holds edges[b-1] <= x < edges[b]; bin 0 is below edges[0], bin B+1 at or above
@@ -152,6 +248,8 @@ class Histogram:
     over the edges; one comparison with the bin's own edges then corrects values that rounding put
     one bin off, so the counts are exactly those of `torch.bucketize(x, edges, right=True)`.
     """
+
+    prefix = "hist"
 
     def __init__(self, edges: torch.Tensor, width: int, device: torch.device | str = "cpu"):
         self.edges = edges.to(device=device, dtype=torch.float32)  # [B + 1]
@@ -174,7 +272,18 @@ class Histogram:
         self.counts.view(-1).add_(torch.bincount(flat, minlength=self.counts.numel()))
 
     def merge(self, other: Histogram) -> None:
+        if not torch.equal(self.edges.cpu(), other.edges.cpu()):
+            raise ValueError("cannot merge histograms over different edges")
         self.counts += other.counts
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"hist_edges": self.edges, "hist_counts": self.counts}
+    def state_dict(self, prefix: str | None = None) -> State:
+        p = prefix or self.prefix
+        return {f"{p}_edges": self.edges, f"{p}_counts": self.counts}
+
+    @classmethod
+    def load_state_dict(cls, state: State, prefix: str | None = None) -> Histogram:
+        p = prefix or cls.prefix
+        counts = state[f"{p}_counts"]  # [D, B + 2]
+        stat = cls(state[f"{p}_edges"], counts.shape[0], counts.device)
+        stat.counts = counts.long().clone()
+        return stat

@@ -81,7 +81,7 @@ class ArchitectureAdapter:
         """Parse a TL-style site name into a module path; layer and name are validated."""
         match = _SITE_NAME.fullmatch(name)
         if match is None:
-            raise ConfigError("site", name, SITE_TEMPLATES)
+            raise ConfigError("extraction.site", name, SITE_TEMPLATES)
         layer, kind = int(match.group(1)), match.group(2)
         n_layers = self.n_layers(config)
         if layer >= n_layers:
@@ -163,5 +163,5 @@ def adapter_for(config: Any, model: torch.nn.Module | None = None) -> Architectu
     model_type = getattr(config, "model_type", None)
     adapter = SUPPORTED.get(model_type)
     if adapter is None:
-        raise ConfigError("model", model_type, sorted(SUPPORTED))
+        raise ConfigError("model.source", model_type, sorted(SUPPORTED))
     return adapter if model is None else adapter.for_model(model)

@@ -124,7 +124,7 @@ def load_model(
     elif location.is_file():
         if location.suffix != ".gguf":
             allowed = "a model directory, a .gguf file, a hub id or one of " + ", ".join(PACKAGED)
-            raise ConfigError("model", source, allowed)
+            raise ConfigError("model.source", source, allowed)
         gguf_sha = file_sha256(location)
         model, tokenizer = _load_pretrained(
             str(dequantised_dir(location, gguf_sha)), torch_dtype, {}

@@ -5,8 +5,10 @@ Wiring (conf/hydra/callbacks/mlflow_sweep.yaml, in the primary config's defaults
 the launcher starts. The parent run id is written to `<sweep dir>/mlflow_parent_run_id`, where each
 job's `tracked_run` reads it, whatever process or machine the job runs in.
 
-When a job fails, Hydra's sweeper re-raises its exception after the batch has run and never calls
-`on_multirun_end`; an atexit hook then closes the parent as FAILED and prints which jobs failed.
+A tracking location that cannot be used stops the sweep before any job is launched (one line on
+stderr, exit status 1). When a job fails, Hydra's sweeper re-raises its exception after the batch
+has run and never calls `on_multirun_end`; an atexit hook then closes the parent as FAILED and
+prints which jobs failed.
 """
 
 from __future__ import annotations
@@ -21,15 +23,12 @@ from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from omegaconf import DictConfig, OmegaConf
 
+from intraneuron.errors import ConfigError
+from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, launch_dir
+from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags
-from intraneuron.tracking.run import (
-    PARENT_RUN_ID_FILE,
-    PARENT_TAG,
-    RunLogger,
-    TrackingConfig,
-    open_experiment,
-    source_tags,
-)
+from intraneuron.tracking.run import PARENT_TAG, source_tags
+from intraneuron.tracking.store import TrackingConfig, open_experiment
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -43,8 +42,8 @@ class MlflowSweepCallback(Callback):
 
     def __init__(
         self,
-        tracking_uri: str = "sqlite:///mlruns/mlflow.db",
-        experiment: str = "intraneuron",
+        tracking_uri: str = TrackingConfig.tracking_uri,
+        experiment: str = TrackingConfig.experiment,
         artifact_root: str | None = None,
         tags: dict[str, Any] | None = None,
     ):
@@ -59,7 +58,12 @@ class MlflowSweepCallback(Callback):
         sweep_dir = (self._base_dir / str(config.hydra.sweep.dir)).resolve()
         # Creating the experiment here, once, also creates a new sqlite file's tables before
         # parallel jobs could race on the schema migration.
-        client, experiment_id = open_experiment(self.tracking, self._base_dir)
+        try:
+            client, experiment_id = open_experiment(self.tracking, self._base_dir)
+        except ConfigError as error:
+            # Hydra turns a callback's exception into a warning and launches every job anyway, each
+            # against a store none of them can use: stop the sweep here, with the one-line reason.
+            raise SystemExit(f"{type(error).__name__}: {error}") from error
         tags = {
             **source_tags(),
             "hydra.sweep_dir": str(sweep_dir),
@@ -89,7 +93,7 @@ class MlflowSweepCallback(Callback):
         if self.parent_run_id is None:
             return
         parent_id, self.parent_run_id = self.parent_run_id, None
-        client, experiment_id = open_experiment(self.tracking, self._base_dir or Path.cwd())
+        client, experiment_id = open_experiment(self.tracking, self._base_dir or launch_dir())
         children = _children(client, experiment_id, parent_id)
         for child in children:
             if child.info.status == _RUNNING:  # its process died without closing it (OOM, crash)

@@ -7,12 +7,14 @@ occurrences (values = the top-k activations). Selection is vectorised over block
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from intraneuron.errors import ConfigError
 
 RULES = ("top_n", "fraction_of_max", "quantile", "positive")
+UNITS = ("type", "occurrence")
 
 # Neurons are processed in column blocks of about this many float64 values, so a 49k-token
 # vocabulary times 6,400 neurons never materialises as one float64 copy.
@@ -153,3 +155,81 @@ def _as_text(token: str | bytes) -> str | None:
     except UnicodeEncodeError:
         return None
     return token
+
+
+@dataclass
+class CoreTokensConfig:
+    """The `core_tokens` config group (conf/core_tokens/*.yaml): which tokens are a neuron's core."""
+
+    unit: str = "type"  # type: mean activation per token type | occurrence: top-k activating positions
+    rule: str = "top_n"
+    n: int = 100
+    tau: float = 0.5
+    q: float = 0.99
+    max_tokens: int | None = None
+    min_count: int = 5
+    min_core_tokens: int = 10
+    drop_whitespace_punct: bool = False
+    drop_byte_fragments: bool = False
+
+    def validate(self) -> None:
+        if self.unit not in UNITS:
+            raise ConfigError("core_tokens.unit", self.unit, UNITS)
+        validate_core_token_rule(self.rule, self.n, self.tau, self.q, self.max_tokens)
+        if self.min_count < 1:
+            raise ConfigError("core_tokens.min_count", self.min_count, "an integer >= 1")
+        if self.min_core_tokens < 3:
+            raise ConfigError("core_tokens.min_core_tokens", self.min_core_tokens, "an integer >= 3")
+
+    def check_against_top_k(self, top_k: int) -> None:
+        """unit=occurrence draws from the extraction's top-k occurrences: it cannot ask for more."""
+        if self.unit != "occurrence":
+            return
+        key = "core_tokens.n" if self.rule == "top_n" else "core_tokens.max_tokens"
+        wanted = self.n if self.rule == "top_n" else self.max_tokens
+        if wanted is None or wanted > top_k:
+            raise ConfigError(key, wanted, f"<= extraction.top_k={top_k} (occurrences kept per neuron)")
+
+    def keep_mask(self, token_texts: list[str]) -> np.ndarray | None:
+        """[vocab] keep-mask of the core-token filters, or None when both are off."""
+        if not (self.drop_whitespace_punct or self.drop_byte_fragments):
+            return None
+        return token_filter_mask(token_texts, self.drop_whitespace_punct, self.drop_byte_fragments)
+
+    def select(self, profile, neurons: np.ndarray, keep_token: np.ndarray | None = None) -> list[CoreTokens]:
+        """Core tokens of each neuron in `neurons` [m] from one layer's ActivationProfile.
+
+        unit="type": candidates are the token types seen at least `min_count` times, valued by
+        their mean activation; unit="occurrence": the neuron's top-k activating positions.
+        keep_token: [vocab] bool, False for tokens the filters drop (None keeps all).
+        """
+        rule = (self.rule, self.n, self.tau, self.q, self.max_tokens)
+        if self.unit == "type":
+            type_ids = profile.numpy("type_ids")  # [T]
+            values = profile.numpy("type_mean")[:, neurons]  # [T, m]
+            valid = profile.numpy("type_count") >= self.min_count  # [T]
+            if keep_token is not None:
+                valid &= keep_token[type_ids]
+            picked = select_core_tokens(values, valid, *rule)
+            return [
+                CoreTokens(int(neuron), type_ids[idx], values[idx, j].astype(np.float64))
+                for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
+            ]
+        token_ids = profile.numpy("topk_token_ids")[neurons]  # [m, K]
+        values = profile.numpy("topk_values")[neurons].astype(np.float64)  # [m, K], -inf = unfilled
+        if keep_token is not None:
+            values = np.where(keep_token[token_ids], values, np.nan)  # NaN is never selected
+        picked = select_core_tokens(values.T, None, *rule)
+        return [
+            CoreTokens(int(neuron), token_ids[j, idx], values[j, idx])
+            for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
+        ]
+
+
+@dataclass(frozen=True)
+class CoreTokens:
+    """One neuron's core tokens, highest activation first."""
+
+    neuron: int
+    token_ids: np.ndarray  # [n] vocabulary ids (repeats possible for unit="occurrence")
+    acts: np.ndarray  # [n] mean activation of the type, or the occurrence's activation

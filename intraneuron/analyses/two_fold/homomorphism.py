@@ -13,7 +13,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from intraneuron.analysis.permutation import (
+from intraneuron.errors import ConfigError
+from intraneuron.stats.permutation import (
     DEFAULT_BATCH,
     Alternative,
     PairGather,
@@ -22,7 +23,6 @@ from intraneuron.analysis.permutation import (
     permutation_batches,
     summarise_null,
 )
-from intraneuron.errors import ConfigError
 
 
 def partition_agreement(categories: np.ndarray, segments: np.ndarray) -> tuple[float, float]:

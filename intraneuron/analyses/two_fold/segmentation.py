@@ -2,18 +2,20 @@
 
 Every scheme returns labels [n_tokens] in the tokens' own order, 0 = the highest-activation
 segment. The paper's scheme is unknown: S = 10 equal-count segments is our default, not the
-paper's; equal-width bins, Jenks natural breaks, 1-D k-means and the "top" split
+paper's; equal-width bins, Jenks natural breaks, 1-D k-means and the "top_fraction" split
 (a >= top_fraction * max against the rest) are the variants of paper_methods.md 1.4 step 7.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 from intraneuron.errors import ConfigError
 
-SCHEMES = ("equal_count", "equal_width", "jenks", "kmeans", "top")
+SCHEMES = ("equal_count", "equal_width", "jenks", "kmeans", "top_fraction")
 
 
 def validate_segmentation(scheme: str, n_segments: int, top_fraction: float) -> None:
@@ -26,6 +28,18 @@ def validate_segmentation(scheme: str, n_segments: int, top_fraction: float) -> 
         raise ConfigError("segmentation.top_fraction", top_fraction, "a fraction in (0, 1)")
 
 
+@dataclass
+class SegmentationConfig:
+    """The `segmentation` config group (conf/segmentation/*.yaml): how the activation range is cut."""
+
+    scheme: str = "equal_count"
+    n_segments: int = 10
+    top_fraction: float = 0.9
+
+    def validate(self) -> None:
+        validate_segmentation(self.scheme, self.n_segments, self.top_fraction)
+
+
 def segment(
     acts: np.ndarray,
     scheme: str = "equal_count",
@@ -33,7 +47,7 @@ def segment(
     top_fraction: float = 0.9,
     seed: int = 0,
 ) -> np.ndarray:
-    """Segment labels [n_tokens] (0 = highest) under the named scheme ("top" has 2 segments)."""
+    """Segment labels [n_tokens] (0 = highest) under the named scheme ("top_fraction" has 2 segments)."""
     validate_segmentation(scheme, n_segments, top_fraction)
     acts = _as_activations(acts)
     if scheme == "equal_count":
@@ -49,7 +63,7 @@ def segment(
 
 def n_segments_of(scheme: str, n_segments: int) -> int:
     """How many segment labels a scheme can produce."""
-    return 2 if scheme == "top" else n_segments
+    return 2 if scheme == "top_fraction" else n_segments
 
 
 def activation_order(acts: np.ndarray) -> np.ndarray:

@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from intraneuron.analysis.permutation import (
+from intraneuron.analyses.two_fold.segmentation import activation_order
+from intraneuron.errors import ConfigError
+from intraneuron.stats.permutation import (
     DEFAULT_BATCH,
     NullSummary,
     PairGather,
@@ -26,8 +28,6 @@ from intraneuron.analysis.permutation import (
     permutation_batches,
     summarise_null,
 )
-from intraneuron.analysis.segmentation import activation_order
-from intraneuron.errors import ConfigError
 
 MEASURES = ("pairwise", "centroid")
 
@@ -61,7 +61,7 @@ def mean_pairwise_cosine(C: np.ndarray) -> float:
 class _SegmentPairs:
     """Within-segment token pairs of a fixed segmentation, laid out for batched gathers.
 
-    With exactly two non-empty segments (the "top" scheme) only the smaller one's pairs are
+    With exactly two non-empty segments (the "top_fraction" scheme) only the smaller one's pairs are
     gathered: the larger one's pair sum follows from the total over all pairs, which no
     permutation changes, minus the row sums of the smaller segment's tokens.
     """

@@ -1,7 +1,8 @@
 """Step 4 (top-down): categorical clusters of a neuron's core-token embeddings.
 
 Any estimator with `fit_predict` plugs in through a factory `k -> estimator`, so a Hydra
-`_target_` config of a scikit-learn clusterer works as is (see `clusterer_from_config`).
+`_target_` config of a scikit-learn clusterer works as is (the `clustering` config group,
+`ClusteringConfig` below).
 The paper says "hierarchical classification" without linkage or K: Ward linkage on L2-normalised
 vectors with K in [2, 8] chosen by the cosine silhouette is our default, not the paper's.
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.cluster import hierarchy
@@ -27,44 +29,7 @@ ClustererFactory = Callable[[int], Any]
 
 # Names under which scikit-learn estimators take their number of clusters.
 _K_PARAMS = ("n_clusters", "n_components")
-
-# Hydra-style presets: `_target_` + constructor kwargs, plus our `normalize` flag (L2-normalise rows
-# before clustering). `clusterer_from_config` turns any of them into (factory, normalize).
-PRESETS: dict[str, dict[str, Any]] = {
-    "ward": {
-        "_target_": "sklearn.cluster.AgglomerativeClustering",
-        "linkage": "ward",
-        "normalize": True,
-    },
-    "average_cosine": {
-        "_target_": "sklearn.cluster.AgglomerativeClustering",
-        "linkage": "average",
-        "metric": "cosine",
-        "normalize": False,
-    },
-    "complete_cosine": {
-        "_target_": "sklearn.cluster.AgglomerativeClustering",
-        "linkage": "complete",
-        "metric": "cosine",
-        "normalize": False,
-    },
-    "kmeans": {
-        "_target_": "sklearn.cluster.KMeans",
-        "n_init": 10,
-        "random_state": 0,
-        "normalize": True,
-    },
-    "spectral_cosine": {
-        "_target_": "intraneuron.analysis.clustering.CosineSpectralClustering",
-        "random_state": 0,
-        "normalize": False,
-    },
-    "hdbscan": {
-        "_target_": "sklearn.cluster.HDBSCAN",
-        "min_cluster_size": 5,
-        "normalize": True,
-    },
-}
+CATEGORY_SOURCES = ("clusterer", "wordnet")
 
 
 class CosineSpectralClustering(ClusterMixin, BaseEstimator):
@@ -73,6 +38,11 @@ class CosineSpectralClustering(ClusterMixin, BaseEstimator):
     scikit-learn's `SpectralClustering(affinity="cosine")` fails (NaN Laplacian) as soon as some
     cosines are negative, which random and real embeddings have.
     """
+
+    # checked when the config is validated (`_check_estimator_params`), not at the first neuron
+    _parameter_constraints: ClassVar[dict] = {
+        name: SpectralClustering._parameter_constraints[name] for name in ("n_clusters", "random_state", "n_init")
+    }
 
     def __init__(self, n_clusters: int = 8, random_state: int | None = 0, n_init: int = 10):
         self.n_clusters = n_clusters
@@ -110,39 +80,64 @@ def clusterer_factory(target: str | type, **kwargs: Any) -> ClustererFactory:
     """Factory `k -> estimator` for a class (or its dotted path) and constructor kwargs.
 
     The class gets `n_clusters=k` (or `n_components=k`) when its constructor takes one; classes
-    that choose their own K (HDBSCAN, DBSCAN) are built from kwargs alone.
+    that choose their own K (HDBSCAN, DBSCAN) are built from kwargs alone. The kwargs are bound to
+    the constructor and, for scikit-learn estimators, checked against its parameter constraints
+    here, so a typo fails before any model is loaded rather than at the first neuron.
     """
     cls = _resolve_class(target)
-    params = inspect.signature(cls.__init__).parameters
+    _refuse_nested_targets(kwargs, "clustering.estimator")
+    params = inspect.signature(cls).parameters
     k_param = next((name for name in _K_PARAMS if name in params), None)
     for name in _K_PARAMS:
         if name in kwargs:
-            raise ConfigError(f"clustering.{name}", kwargs[name], "unset: use clustering.n_categories")
+            raise ConfigError(f"clustering.estimator.{name}", kwargs[name], "unset: use clustering.n_categories")
+    try:
+        inspect.signature(cls).bind_partial(**kwargs)
+    except TypeError:
+        unknown = next(name for name in kwargs if name not in params)
+        raise ConfigError(
+            f"clustering.estimator.{unknown}", kwargs[unknown], f"a keyword of {cls.__name__}: {', '.join(params)}"
+        ) from None
 
     def make(k: int) -> Any:
         return cls(**kwargs, **({k_param: k} if k_param else {}))
 
+    _check_estimator_params(make(2), kwargs)
     return make
 
 
-def clusterer_from_config(cfg: Mapping[str, Any]) -> tuple[ClustererFactory, bool]:
-    """(factory, normalize) from a `_target_` config such as one of `PRESETS`."""
-    cfg = dict(cfg)
-    if "_target_" not in cfg:
-        raise ConfigError("clustering._target_", None, "a dotted class path with fit_predict")
-    target = cfg.pop("_target_")
-    normalize = bool(cfg.pop("normalize", True))
-    return clusterer_factory(target, **cfg), normalize
+def _refuse_nested_targets(node: Any, key: str) -> None:
+    """A `_target_` below the estimator would be instantiated by Hydra: any callable, `builtins.open`
+    included, would be reachable from the command line. Only the estimator's own class is allowed."""
+    if isinstance(node, Mapping):
+        for name, value in node.items():
+            if name == "_target_":
+                raise ConfigError(f"{key}._target_", value, "no `_target_` inside the estimator's arguments")
+            _refuse_nested_targets(value, f"{key}.{name}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _refuse_nested_targets(value, f"{key}.{i}")
 
 
-def preset_factory(name: str, seed: int | None = None) -> tuple[ClustererFactory, bool]:
-    """(factory, normalize) for a named preset; `seed` overrides random_state where it has one."""
-    if name not in PRESETS:
-        raise ConfigError("clustering.preset", name, sorted(PRESETS))
-    cfg = dict(PRESETS[name])
-    if seed is not None and "random_state" in cfg:
-        cfg["random_state"] = seed
-    return clusterer_from_config(cfg)
+def _check_estimator_params(estimator: Any, kwargs: Mapping[str, Any]) -> None:
+    """scikit-learn's own parameter constraints (an unknown linkage, a negative n_init), now."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    validate = getattr(estimator, "_validate_params", None)
+    if validate is None or not hasattr(estimator, "_parameter_constraints"):
+        return
+    try:
+        validate()
+    except InvalidParameterError as error:
+        name = re.search(r"The '(\w+)' parameter", str(error))
+        key = name.group(1) if name else "estimator"
+        allowed = str(error).split(" must be ", 1)[-1].split(". Got")[0]
+        raise ConfigError(f"clustering.estimator.{key}", kwargs.get(key, "(default)"), allowed) from None
+
+
+def preset_factory(name: str) -> tuple[ClustererFactory, bool]:
+    """(factory, normalize) of the clusterer option `conf/clustering/<name>.yaml`."""
+    return ClusteringConfig.from_option(name).factory_and_normalize()
 
 
 def validate_k_choice(n_categories: int | None, k_range: tuple[int, int]) -> None:
@@ -288,14 +283,17 @@ def _sets_own_k(estimator: Any) -> bool:
 
 def _resolve_class(target: str | type) -> type:
     if isinstance(target, type):
-        return target
-    module_name, _, attr = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError("clustering._target_", target, "an importable class path") from err
-    if not hasattr(cls, "fit_predict"):
-        raise ConfigError("clustering._target_", target, "a class with fit_predict")
+        cls = target
+    else:
+        module_name, _, attr = str(target).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError):
+            raise ConfigError(
+                "clustering.estimator._target_", target, "an importable class with fit_predict"
+            ) from None
+    if not inspect.isclass(cls) or not hasattr(cls, "fit_predict"):
+        raise ConfigError("clustering.estimator._target_", target, "a class with fit_predict")
     return cls
 
 
@@ -311,3 +309,65 @@ def _cosine_distances(X: np.ndarray | None, cosine: np.ndarray | None = None) ->
     distances = np.clip(1.0 - cosine, 0.0, 2.0)  # [n, n]
     np.fill_diagonal(distances, 0.0)  # silhouette_score checks the diagonal is exactly 0
     return distances
+
+
+@dataclass
+class ClusteringConfig:
+    """The `clustering` config group (conf/clustering/*.yaml): where a neuron's categories come from."""
+
+    categories: str = "clusterer"  # clusterer: cluster the vectors | wordnet: lexical supersenses
+    estimator: Any = None  # clusterer: a `_target_` config of any class with fit_predict
+    normalize: bool = True  # L2-normalise the vectors before clustering
+    n_categories: int | None = None  # None: K chosen by cosine silhouette over k_range
+    k_range: list[int] = field(default_factory=lambda: [2, 8])
+
+    @classmethod
+    def from_option(cls, name: str) -> ClusteringConfig:
+        """The config of the option `conf/clustering/<name>.yaml`."""
+        from omegaconf import OmegaConf
+
+        from intraneuron.paths import CONF_DIR
+
+        path = CONF_DIR / "clustering" / f"{name}.yaml"
+        if not path.is_file():
+            options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ConfigError("clustering", name, options)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.load(path)))
+
+    def validate(self) -> None:
+        if self.categories not in CATEGORY_SOURCES:
+            raise ConfigError("clustering.categories", self.categories, CATEGORY_SOURCES)
+        if len(self.k_range) != 2:
+            raise ConfigError("clustering.k_range", self.k_range, "[low, high]")
+        validate_k_choice(self.n_categories, tuple(self.k_range))
+        if self.categories == "clusterer":
+            self.factory()  # resolves the class and binds its arguments
+        elif self.estimator is not None:  # it would be ignored, `_target_` and all
+            raise ConfigError(
+                "clustering.estimator", self.estimator, f"null when clustering.categories={self.categories!r}"
+            )
+
+    def factory(self) -> ClustererFactory:
+        """k -> estimator, from `estimator` (any `_target_` class with fit_predict)."""
+        if not isinstance(self.estimator, Mapping) or "_target_" not in self.estimator:
+            raise ConfigError(
+                "clustering.estimator", self.estimator, "a config with `_target_` (a class with fit_predict)"
+            )
+        kwargs = dict(self.estimator)
+        return clusterer_factory(kwargs.pop("_target_"), **kwargs)
+
+    def factory_and_normalize(self) -> tuple[ClustererFactory, bool]:
+        return self.factory(), self.normalize
+
+    def labeller(self, token_texts: list[str]) -> Callable[[np.ndarray], np.ndarray] | None:
+        """ids -> WordNet supersense labels (-1 = not in WordNet), or None to cluster the vectors."""
+        if self.categories != "wordnet":
+            return None
+        from intraneuron.categories.wordnet import label_tokens
+
+        labels, _, _ = label_tokens(token_texts)  # [vocab]
+
+        def label(ids: np.ndarray) -> np.ndarray:
+            return labels[ids]
+
+        return label

@@ -1,0 +1,1 @@
+"""Analyses behind one seam (`base.Analysis`): each is a class named by conf/analysis/<name>.yaml."""

@@ -1,0 +1,94 @@
+"""The seam between the generic runner and each analysis.
+
+An analysis is one class named by `_target_` in `conf/analysis/<name>.yaml`, whose other keys are
+its constructor's parameters (validated once, in the constructor). It declares what it needs:
+
+- `groups`: the config groups it reads besides the run's own (`model`, `corpus`, `extraction`,
+  `layer`, `tracking`); only these are validated and logged as params;
+- `requirements(run)`: which statistics the extraction pass must keep per layer, how many models,
+  and whether it reads activations only or also intervenes (write hooks);
+
+and it answers, per layer, a `LayerResult`: named tables, flat metrics and optional figures. The
+runner does everything else (validation, loading, the cached extraction, logging), so a new analysis
+is one module plus one YAML file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from sklearn.base import BaseEstimator
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from intraneuron.config import RunConfig
+    from intraneuron.extraction.profile import ActivationProfile
+
+
+@dataclass(frozen=True)
+class Requirements:
+    stats: frozenset[str]  # statistics kept per layer during the pass (intraneuron.extraction.STAT_NAMES)
+    n_models: int = 1
+    passes: Literal["observe", "intervene"] = "observe"  # intervene: forward passes with write hooks
+
+
+@dataclass
+class LayerResult:
+    """What an analysis found in one layer."""
+
+    tables: dict[str, pd.DataFrame]  # name -> table (layer_<l>/tables/<name>.parquet); empty ones are not logged
+    metrics: dict[str, float]  # flat, "<part>/<statistic>" (logged as layer_<l>/<key>)
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure
+
+
+@dataclass
+class Job:
+    """What the runner has built for one job, handed to the analysis."""
+
+    run: RunConfig
+    handle: Any  # models.ModelHandle
+    windows: Any  # corpus.TokenWindows
+
+    @cached_property
+    def token_texts(self) -> list[str]:
+        """Decoded text of every token id (" the", not "Ġthe"), for filters, labels and previews."""
+        texts = self.handle.tokenizer.batch_decode(
+            [[i] for i in range(self.handle.vocab_size)],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        return list(texts)
+
+
+class Analysis(ABC, BaseEstimator):
+    """Base class of every analysis (see the module docstring).
+
+    scikit-learn's estimator conventions: the constructor only stores its parameters (and checks
+    them, raising ConfigError naming `analysis.<param>`), so `get_params()` is the `analysis` group.
+    """
+
+    name: ClassVar[str]  # the option name, conf/analysis/<name>.yaml
+    groups: ClassVar[Mapping[str, type]] = {}  # config group -> its schema (a dataclass with validate())
+    headline: ClassVar[tuple[str, ...]] = ()  # layer metrics printed at the end and put in the run description
+
+    @abstractmethod
+    def requirements(self, run: RunConfig) -> Requirements:
+        """What the extraction must keep for this analysis under this run's config."""
+
+    def check(self, run: RunConfig) -> None:
+        """Checks across groups that need no model (raise ConfigError); none by default."""
+
+    def check_model(self, run: RunConfig, handle: Any) -> None:
+        """Checks that need the loaded model's dimensions, before the extraction pass."""
+
+    def prepare(self, job: Job) -> None:
+        """Build what can fail on a missing file or a bad checkpoint, before the extraction pass."""
+
+    @abstractmethod
+    def analyse_layer(self, job: Job, layer: int, profile: ActivationProfile) -> LayerResult:
+        """The analysis of one layer's profile."""

@@ -1,0 +1,149 @@
+"""The two-fold intra-neuronal analysis of Pichat et al. (2025) behind the Analysis seam.
+
+Per layer: the selected neurons' core tokens, their vectors, then per neuron the top-down
+(categories and how their activations differ and interleave) and bottom-up (activation segments and
+their homogeneity against a permutation null) analyses, and the layer aggregates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import ClassVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from intraneuron.analyses.base import Analysis, Job, LayerResult, Requirements
+from intraneuron.analyses.neurons import NeuronsConfig
+from intraneuron.analyses.two_fold.bottomup import validate_null
+from intraneuron.analyses.two_fold.clustering import ClusteringConfig
+from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
+from intraneuron.analyses.two_fold.neuron import CONFIG_KEYS, TwoFoldNeuron, validate_alpha
+from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
+from intraneuron.embeddings.config import EmbeddingConfig
+from intraneuron.errors import ConfigError
+from intraneuron.extraction.engine import progress_interval
+
+log = logging.getLogger(__name__)
+
+
+class TwoFoldAnalysis(Analysis):
+    """`analysis=two_fold`: homogeneity null, permutations, alpha, seed and workers."""
+
+    name = "two_fold"
+    groups: ClassVar = {
+        "neurons": NeuronsConfig,
+        "core_tokens": CoreTokensConfig,
+        "embedding": EmbeddingConfig,
+        "clustering": ClusteringConfig,
+        "segmentation": SegmentationConfig,
+    }
+    headline = (
+        "neurons/analysed",
+        "topdown/kruskal_sig_frac_bh",
+        "topdown/interleaving_mean/median",
+        "bottomup/top_sig_frac_bh",
+        "bottomup/h_top_minus_rest/median",
+        "homomorphism/ari/median",
+    )
+
+    def __init__(
+        self,
+        homogeneity: str = "pairwise",
+        n_permutations: int = 1000,
+        n_mantel_permutations: int = 999,
+        alpha: float = 0.05,
+        seed: int = 0,
+        n_jobs: int = -1,
+    ):
+        self.homogeneity = homogeneity
+        self.n_permutations = n_permutations
+        self.n_mantel_permutations = n_mantel_permutations
+        self.alpha = alpha
+        self.seed = seed
+        self.n_jobs = n_jobs
+        validate_null(homogeneity, n_permutations)
+        if n_mantel_permutations < 0:
+            raise ConfigError(CONFIG_KEYS["n_mantel_permutations"], n_mantel_permutations, "an integer >= 0")
+        validate_alpha(alpha)
+        if n_jobs == 0 or n_jobs < -1:
+            raise ConfigError("analysis.n_jobs", n_jobs, "an integer >= 1, or -1 for all cores")
+
+    def requirements(self, run) -> Requirements:
+        # Every statistic, whatever the embedding: one cached profile then serves a sweep over
+        # core-token rules, embeddings and clusterers alike.
+        from intraneuron.extraction import STAT_NAMES
+
+        stats = set(STAT_NAMES) if run.extraction.input_site else set(STAT_NAMES) - {"input_token_types"}
+        return Requirements(stats=frozenset(stats))
+
+    def check(self, run) -> None:
+        run.groups["core_tokens"].check_against_top_k(run.extraction.top_k)
+        if run.groups["embedding"].per_layer and run.extraction.input_site is None:
+            raise ConfigError(
+                "embedding.source", "layer_input", "another source while extraction.input_site is null"
+            )
+
+    def check_model(self, run, handle) -> None:
+        run.groups["neurons"].check_fits(handle.d_mlp)
+
+    def prepare(self, job: Job) -> None:
+        """The neuron settings, clusterer, filters, WordNet labels and (unless per layer) the
+        vectors: everything that can fail on a missing file or checkpoint, before the pass."""
+        groups = job.run.groups
+        clustering, segmentation = groups["clustering"], groups["segmentation"]
+        self.neuron_ = TwoFoldNeuron(
+            make_clusterer=clustering.factory() if clustering.categories == "clusterer" else None,
+            normalize=clustering.normalize,
+            n_categories=clustering.n_categories,
+            k_range=tuple(clustering.k_range),
+            scheme=segmentation.scheme,
+            n_segments=segmentation.n_segments,
+            top_fraction=segmentation.top_fraction,
+            homogeneity=self.homogeneity,
+            n_permutations=self.n_permutations,
+            n_mantel_permutations=self.n_mantel_permutations,
+            alpha=self.alpha,
+            min_tokens=groups["core_tokens"].min_core_tokens,
+        )
+        self.keep_ = groups["core_tokens"].keep_mask(job.token_texts)
+        self.label_ = clustering.labeller(job.token_texts)
+        embedding = groups["embedding"]
+        self.vectors_ = None if embedding.per_layer else embedding.build(job.handle)
+
+    def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
+        from intraneuron.analyses.two_fold.aggregate import aggregate_layer
+        from intraneuron.analyses.two_fold.layer import analyse_layer
+
+        started = time.perf_counter()
+        groups, texts = job.run.groups, job.token_texts
+        vectors = self.vectors_ or groups["embedding"].build(job.handle, profile)
+        neurons = groups["neurons"].indices(job.handle.d_mlp)
+        cores = groups["core_tokens"].select(profile, neurons, self.keep_)
+        bar = tqdm(total=len(cores), unit="neuron", desc=f"analyse layer {layer}",
+                   disable=not job.run.extraction.progress, mininterval=progress_interval())  # fmt: skip
+        tables = analyse_layer(
+            layer, cores, vectors.embed, self.neuron_,
+            label=self.label_,
+            decode=lambda ids: [texts[i] for i in ids],
+            seed=self.seed,
+            n_jobs=self.n_jobs,
+            progress=bar.update,
+        )  # fmt: skip
+        bar.close()
+        rows = tables["neurons"]
+        metrics = aggregate_layer(rows, self.alpha)
+        metrics["core_tokens/n_mean"] = float(rows["n_core"].mean()) if len(rows) else np.nan
+        metrics["embedding/unembedded_frac"] = _ratio(rows, "n_unembedded", "n_core")
+        if self.label_ is not None:
+            metrics["categories/label_coverage_mean"] = float(rows["label_coverage"].mean())
+        metrics["analysis_seconds"] = time.perf_counter() - started
+        for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
+            log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
+        return LayerResult(tables=tables, metrics=metrics)
+
+
+def _ratio(rows, numerator: str, denominator: str) -> float:
+    total = rows[denominator].sum() if len(rows) else 0
+    return float(rows[numerator].sum() / total) if total else np.nan

@@ -1,1 +1,0 @@
-"""The two-fold intra-neuronal analysis of Pichat et al. (2025) on plain arrays."""

@@ -1,0 +1,76 @@
+"""What one extraction pass reads and keeps: the `extraction` config group's schema.
+
+Kept free of torch so that config assembly (Hydra, `--help`, validation) stays fast; the engine
+imports it, not the other way round.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from intraneuron.errors import ConfigError
+
+NEURON_SITES = ("mlp.hook_post", "mlp.hook_pre")
+INPUT_SITES = ("hook_resid_pre", None)
+# Fields that say how to run, not what to compute: they never enter a cache key.
+HOW_FIELDS = ("batch_size", "device", "progress")
+_DEVICE = re.compile(r"[a-z]+(:\d+)?")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    top_k: int = 100  # occurrences kept per neuron
+    site: str = "mlp.hook_post"  # neuron site inside block l (TransformerLens naming)
+    input_site: str | None = "hook_resid_pre"  # layer input, summed per token type; None = skip
+    track_type_max: bool = True
+    hist_min: float = -10.0
+    hist_max: float = 10.0
+    hist_bins: int = 200
+    skip_first_positions: int = 0  # window positions excluded from all statistics
+    batch_size: int = 16
+    device: str = "cpu"
+    progress: bool = True
+
+    def key_fields(self) -> dict:
+        """The fields that change the numbers (everything but HOW_FIELDS)."""
+        fields = asdict(self)
+        for how in HOW_FIELDS:
+            fields.pop(how)
+        return fields
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key; window-dependent checks live in the engine."""
+        _integer("top_k", self.top_k, 1)
+        if self.site not in NEURON_SITES:
+            raise ConfigError("extraction.site", self.site, NEURON_SITES)
+        if self.input_site not in INPUT_SITES:
+            raise ConfigError("extraction.input_site", self.input_site, INPUT_SITES)
+        _boolean("track_type_max", self.track_type_max)
+        _finite("hist_min", self.hist_min)
+        _finite("hist_max", self.hist_max)
+        if not self.hist_min < self.hist_max:
+            raise ConfigError("extraction.hist_min", self.hist_min, f"< hist_max ({self.hist_max})")
+        _integer("hist_bins", self.hist_bins, 1)
+        _integer("skip_first_positions", self.skip_first_positions, 0)
+        _integer("batch_size", self.batch_size, 1)
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ConfigError("extraction.device", self.device, 'a torch device such as "cpu" or "cuda:0"')
+        _boolean("progress", self.progress)
+
+
+def _integer(name: str, value: object, minimum: int) -> None:
+    # bool is an int subclass; `top_k: true` is a typo, not 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"extraction.{name}", value, f"an integer >= {minimum}")
+
+
+def _finite(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"extraction.{name}", value, "a finite number")
+
+
+def _boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"extraction.{name}", value, "true or false")

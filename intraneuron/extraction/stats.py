@@ -1,0 +1,153 @@
+"""Stat specs: which statistics one layer keeps, and the CombinedStat that keeps them.
+
+A spec is a set of names from STAT_NAMES. Each name owns a tensor prefix in the profile, so the
+union of the stats' `state_dict`s never has two stats writing one key:
+
+    topk               topk_values, topk_positions [D, K]  (+ topk_token_ids, added by the engine)
+    token_types        type_ids, type_count [T], type_mean, type_max [T, D]
+    moments            act_count, act_mean, act_var, act_skew, act_kurt, act_min, act_max,
+                       act_frac_positive [D]
+    histogram          hist_edges [B + 1], hist_counts [D, B + 2]
+    input_token_types  resid_ids, resid_count [T], resid_mean [T, M]  (needs extraction.input_site)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from intraneuron.errors import ConfigError
+from intraneuron.extraction.config import ExtractionConfig
+from intraneuron.extraction.reducers import Histogram, Moments, Stat, State, TokenTypeTable, TopK
+
+STAT_NAMES = ("topk", "token_types", "moments", "histogram", "input_token_types")
+ALL_STATS = frozenset(STAT_NAMES)
+NEURON_STATS = frozenset(STAT_NAMES[:4])  # read the neuron site; the last reads the layer input
+PREFIXES = {
+    "topk": "topk", "token_types": "type", "moments": "act", "histogram": "hist", "input_token_types": "resid",
+}
+_CLASSES: dict[str, type[Stat]] = {
+    "topk": TopK, "token_types": TokenTypeTable, "moments": Moments, "histogram": Histogram,
+    "input_token_types": TokenTypeTable,
+}
+# Config fields that change only the named stat's numbers: a spec without it leaves them out of
+# the cache key, so e.g. two top_k values share a moments-only entry.
+FIELDS_OF = {
+    "topk": ("top_k",),
+    "token_types": ("track_type_max",),
+    "histogram": ("hist_min", "hist_max", "hist_bins"),
+    "input_token_types": ("input_site",),
+}
+
+
+def resolve_stats(stats: Iterable[str] | None, config: ExtractionConfig) -> tuple[str, ...]:
+    """A spec as a sorted tuple, checked; None means everything the config can extract."""
+    if stats is None:
+        return tuple(sorted(ALL_STATS if config.input_site is not None else ALL_STATS - {"input_token_types"}))
+    if isinstance(stats, str):  # a bare name would iterate as letters
+        stats = (stats,)
+    spec = tuple(sorted(set(stats)))
+    unknown = [s for s in spec if s not in ALL_STATS]
+    if unknown or not spec:
+        raise ConfigError("stats", unknown or list(spec), STAT_NAMES)
+    if "input_token_types" in spec and config.input_site is None:
+        raise ConfigError(
+            "extraction.input_site", None, "'hook_resid_pre' when the stat 'input_token_types' is requested"
+        )
+    return spec
+
+
+def stat_key_fields(spec: Iterable[str], config: ExtractionConfig) -> dict:
+    """The config fields that change this spec's numbers, plus the spec itself."""
+    spec = sorted(spec)
+    fields = config.key_fields()
+    for name, owned in FIELDS_OF.items():
+        if name not in spec:
+            for field in owned:
+                fields.pop(field)
+    if not NEURON_STATS.intersection(spec):
+        fields.pop("site")
+    return {**fields, "stats": spec}
+
+
+class CombinedStat:
+    """The stats of one layer: `add` routes each tensor to the stats that read it."""
+
+    def __init__(self, stats: Mapping[str, Stat]):
+        unknown = set(stats) - ALL_STATS
+        if unknown:
+            raise ValueError(f"unknown stats {sorted(unknown)}; expected names from {STAT_NAMES}")
+        self.stats = {name: stats[name] for name in STAT_NAMES if name in stats}
+
+    @classmethod
+    def build(
+        cls, spec: Iterable[str], *, d_mlp: int, d_model: int, vocab_size: int,
+        config: ExtractionConfig, device: torch.device | str = "cpu",
+    ) -> CombinedStat:
+        spec = resolve_stats(spec, config)
+        makers = {
+            "topk": lambda: TopK(config.top_k, d_mlp, device),
+            "token_types": lambda: TokenTypeTable(vocab_size, d_mlp, device, track_max=config.track_type_max),
+            "moments": lambda: Moments(d_mlp, device),
+            "histogram": lambda: Histogram(
+                torch.linspace(config.hist_min, config.hist_max, config.hist_bins + 1), d_mlp, device
+            ),
+            "input_token_types": lambda: TokenTypeTable(vocab_size, d_model, device, track_max=False),
+        }
+        return cls({name: makers[name]() for name in spec})
+
+    @property
+    def spec(self) -> tuple[str, ...]:
+        return tuple(sorted(self.stats))
+
+    @property
+    def reads_neurons(self) -> bool:
+        return bool(NEURON_STATS.intersection(self.stats))
+
+    @property
+    def reads_input(self) -> bool:
+        return "input_token_types" in self.stats
+
+    def add(
+        self, acts: torch.Tensor | None, resid: torch.Tensor | None, token_ids: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        """acts [N, d_mlp] (None when no neuron stat); resid [N, d_model] (None without the input
+        stat); token_ids, positions [N]."""
+        s = self.stats
+        if "topk" in s:
+            s["topk"].add(acts, positions)
+        if "token_types" in s:
+            s["token_types"].add(acts, token_ids)
+        if "moments" in s:
+            s["moments"].add(acts)
+        if "histogram" in s:
+            s["histogram"].add(acts)
+        if "input_token_types" in s:
+            s["input_token_types"].add(resid, token_ids)
+
+    def merge(self, other: CombinedStat) -> None:
+        if self.spec != other.spec:
+            raise ValueError(f"cannot merge stats {self.spec} with {other.spec}")
+        for name, stat in self.stats.items():
+            stat.merge(other.stats[name])
+
+    def state_dict(self) -> State:
+        out: State = {}
+        for name, stat in self.stats.items():
+            out.update(stat.state_dict(PREFIXES[name]))
+        return out
+
+    @classmethod
+    def load_state_dict(cls, state: State, spec: Iterable[str] | None = None) -> CombinedStat:
+        """Rebuild from `state_dict()` (or a profile's tensors); spec defaults to what is there."""
+        if spec is None:
+            spec = [n for n in STAT_NAMES if _has(state, n)]
+        return cls({name: _CLASSES[name].load_state_dict(state, PREFIXES[name]) for name in spec})
+
+
+def _has(state: Mapping[str, torch.Tensor], name: str) -> bool:
+    probe = {"topk": "values", "token_types": "ids", "moments": "count", "histogram": "counts",
+             "input_token_types": "ids"}[name]
+    return f"{PREFIXES[name]}_{probe}" in state

@@ -1,0 +1,58 @@
+"""The `model` config group: which model to load and how (conf/model/*.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    source: str = "smollm2-135m"  # packaged name, tiny-* test model, directory, .gguf file or hub id
+    n_layers: int | None = None  # checked against `layer` before loading; None: read config.json
+    dtype: str = "float32"
+    device: str = "cpu"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        from intraneuron.errors import ConfigError, MissingAssetError
+        from intraneuron.models.loading import PACKAGED, _looks_like_path, parse_device, parse_dtype
+
+        parse_dtype(self.dtype)
+        parse_device(self.device)
+        if self.n_layers is not None and self.n_layers < 1:
+            raise ConfigError("model.n_layers", self.n_layers, "null (read config.json) or an integer >= 1")
+        if self.source not in PACKAGED and _looks_like_path(self.source):
+            if not Path(self.source).expanduser().exists():
+                raise MissingAssetError(
+                    f"model.source: {self.source} does not exist (a packaged name, a model directory, "
+                    "a .gguf file or a hub id)"
+                )
+
+    def depth(self) -> int | None:
+        """Number of layers, known without loading weights: n_layers or a local config.json."""
+        if self.n_layers is not None:
+            return self.n_layers
+        location = Path(self.source).expanduser()
+        if (location / "config.json").is_file():
+            from transformers import AutoConfig
+
+            from intraneuron.models.adapters import adapter_for
+
+            config = AutoConfig.from_pretrained(str(location), trust_remote_code=self.trust_remote_code)
+            return adapter_for(config).n_layers(config)
+        return None  # a hub id or .gguf: checked right after loading, still before extraction
+
+    def load(self):
+        """The ModelHandle (tokenizer, model, adapter, fingerprint)."""
+        from intraneuron.models.loading import load_model
+
+        return load_model(
+            self.source,
+            dtype=self.dtype,
+            device=self.device,
+            revision=self.revision,
+            trust_remote_code=self.trust_remote_code,
+        )

@@ -1,0 +1,1 @@
+"""What a run leaves behind: artifact paths and their loaders, figures, cross-run comparison."""

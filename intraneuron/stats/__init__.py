@@ -1,0 +1,1 @@
+"""Statistics shared by analyses: permutation nulls, summaries over neurons, multiple testing."""

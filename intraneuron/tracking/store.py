@@ -1,0 +1,281 @@
+"""Where runs go: the one `tracking` schema, its checks, and the connection to the experiment.
+
+Importing this module stays cheap (no mlflow, no hydra at module level): config validation imports
+the schema before anything heavy is loaded, and a bad location must be reported in one line
+within seconds, before MLflow's own retry loops start (minutes against an absent server, close to
+two minutes against a sqlite file it cannot write).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from intraneuron.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+KEY = "tracking"  # the config group; error messages name its keys in full
+CONNECT_TIMEOUT_S = 3.0
+_SERVER_SCHEMES = "sqlite:///<path>, postgresql://, mysql://, http(s):// of an `mlflow server`, databricks"
+_PROFILE_URIS = ("databricks", "databricks-uc")  # schemeless, yet not paths: MLflow reads a profile
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs go. Relative paths are resolved against the directory the command was launched from.
+
+    A plain (not frozen) dataclass: OmegaConf merges config nodes onto it as a structured schema.
+    """
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "intraneuron"
+    artifact_root: str | None = None  # default: <dir of the sqlite db>/artifacts (absolute); server default otherwise
+
+    @classmethod
+    def from_mapping(cls, node: Mapping[str, Any], key: str = KEY) -> TrackingConfig:
+        """Build from a config node, rejecting unknown keys by name."""
+        allowed = [f.name for f in fields(cls)]
+        for name in node:
+            if name not in allowed:
+                raise ConfigError(f"{key}.{name}", node[name], f"one of the keys {', '.join(allowed)}")
+        return cls(**{name: node[name] for name in node})
+
+    def validate(self, base_dir: str | Path | None = None) -> ResolvedTracking:
+        """Check the values and that the store can be reached and written; ConfigError names the key.
+
+        `base_dir` defaults to the launch directory (see `hydra_job.launch_dir`), never a Hydra job's
+        output folder: a relative `mlruns/` must be the same store for every job of a sweep.
+        """
+        if base_dir is None:
+            from intraneuron.tracking.hydra_job import launch_dir
+
+            base_dir = launch_dir()
+        resolved = resolve(self, Path(base_dir))
+        check_reachable(self, base_dir)
+        return resolved
+
+
+@dataclass(frozen=True)
+class ResolvedTracking:
+    """A TrackingConfig with every path made absolute."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_location: str | None
+    sqlite_file: Path | None = None  # the database file of a sqlite URI
+    artifact_dir: Path | None = None  # the local folder artifacts are written under, if local
+
+
+def resolve(tcfg: TrackingConfig, base_dir: Path) -> ResolvedTracking:
+    """Check the URI's form and make sqlite and artifact paths absolute (jobs may run in another cwd).
+
+    Touches nothing on disk or network; `check_reachable` does.
+    """
+    uri = str(tcfg.tracking_uri)
+    scheme = urlparse(uri).scheme
+    is_path = scheme in ("", "file") or len(scheme) == 1  # a bare path, file:// or a Windows drive letter
+    if is_path and uri not in _PROFILE_URIS:
+        raise ConfigError(
+            f"{KEY}.tracking_uri", uri,
+            f"a database or server URI ({_SERVER_SCHEMES}); MLflow 3 refuses the file store",
+        )
+    if not str(tcfg.experiment).strip():
+        raise ConfigError(f"{KEY}.experiment", tcfg.experiment, "a non-empty experiment name")
+
+    base_dir = Path(base_dir)
+    db_file: Path | None = None
+    artifact_dir: Path | None = None
+    artifact_root: str | None = None
+    if scheme == "sqlite":
+        db_path = uri.removeprefix("sqlite:///")
+        if db_path == uri or db_path in ("", ":memory:"):
+            raise ConfigError(
+                f"{KEY}.tracking_uri", uri,
+                "sqlite:///<file> (an in-memory database is invisible to the other jobs of a sweep)",
+            )
+        db_file = (base_dir / db_path).resolve()
+        uri = f"sqlite:///{db_file}"
+        artifact_dir = db_file.parent / "artifacts"
+        artifact_root = str(artifact_dir)
+    if tcfg.artifact_root is not None:
+        root = str(tcfg.artifact_root)
+        parsed = urlparse(root)
+        if len(parsed.scheme) > 1:
+            artifact_root = root
+            artifact_dir = Path(parsed.path) if parsed.scheme == "file" else None
+        else:
+            artifact_dir = (base_dir / root).resolve()
+            artifact_root = str(artifact_dir)
+    location = None
+    if artifact_root is not None:
+        location = f"{artifact_root.rstrip('/')}/{_safe_dir_name(str(tcfg.experiment))}"
+    return ResolvedTracking(uri, str(tcfg.experiment), location, db_file, artifact_dir)
+
+
+def _safe_dir_name(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name)
+
+
+def check_reachable(tcfg: TrackingConfig, base_dir: str | Path) -> None:
+    """Fail fast, with a ConfigError naming the key, where MLflow would retry for minutes.
+
+    - sqlite: the database's folder is created if missing and must take a new file (a real file is
+      written and removed: permission bits say nothing for root, nor for read-only mounts, /proc or
+      /sys); an existing database must be a writable SQLite file.
+    - http(s): the server must accept a TCP connection within CONNECT_TIMEOUT_S. No request is sent.
+    - a local artifact root (configured, or the sqlite default) must be creatable and writable; it
+      is not created here (MLflow creates it on the first artifact).
+    Other schemes (postgresql://, mysql://, databricks) are left to MLflow.
+    """
+    resolved = resolve(tcfg, Path(base_dir))
+    uri = str(tcfg.tracking_uri)
+    scheme = urlparse(uri).scheme
+    if resolved.sqlite_file is not None:
+        _check_sqlite(resolved.sqlite_file, uri)
+    elif scheme in _DEFAULT_PORTS:
+        _check_server(uri)
+    if resolved.artifact_dir is not None:
+        problem = _unwritable(resolved.artifact_dir, create=False)
+        if problem:
+            default = "" if tcfg.artifact_root is not None else f" (by default {resolved.artifact_dir})"
+            raise ConfigError(
+                f"{KEY}.artifact_root", tcfg.artifact_root,
+                f"a folder that can be created and written{default}: {problem}",
+            )
+
+
+def _check_sqlite(db_file: Path, uri: str) -> None:
+    # sqlite also writes a journal next to the database, so the folder must be writable even when the file is
+    problem = _unwritable(db_file.parent, create=True)
+    if problem is None and (db_file.exists() or db_file.is_symlink()):
+        problem = _not_a_writable_database(db_file)
+    if problem:
+        raise ConfigError(
+            f"{KEY}.tracking_uri", uri,
+            f"sqlite:///<file> in a folder that can be created and written, naming a new or a "
+            f"writable SQLite file ({problem})",
+        )
+
+
+def _unwritable(folder: Path, *, create: bool) -> str | None:
+    """Why no file can be written in `folder` (created first when `create`), or None.
+
+    Without `create`, a missing folder is judged by its nearest existing ancestor, which must take
+    a new entry; nothing is left behind.
+    """
+    existing = folder
+    try:
+        while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():
+                return f"{existing} is a dangling link"
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is not a folder"
+    except OSError as error:  # e.g. a folder on the way that cannot be searched
+        return f"cannot look into {existing}: {_reason(error)}"
+    target = existing
+    if create and existing != folder:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            return f"cannot create {folder}: {_reason(error)}"
+        target = folder
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".intraneuron-probe-", dir=target)
+    except OSError as error:
+        return f"cannot write in {target}: {_reason(error)}"
+    os.close(handle)
+    try:
+        os.unlink(probe)
+    except OSError as error:
+        return f"cannot remove a file from {target}: {_reason(error)}"
+    return None
+
+
+def _not_a_writable_database(db_file: Path) -> str | None:
+    if not db_file.is_file():
+        return f"{db_file} exists and is not a regular file"
+    try:
+        with open(db_file, "r+b") as handle:  # opened for writing, nothing written
+            header = handle.read(len(_SQLITE_HEADER))
+    except OSError as error:
+        return f"cannot open {db_file} for writing: {_reason(error)}"
+    if header and header != _SQLITE_HEADER:
+        return f"{db_file} is not a SQLite database"
+    return None
+
+
+def _reason(error: OSError) -> str:
+    if error.errno == errno.EROFS:
+        return "read-only file system"
+    return error.strerror or str(error)
+
+
+def _check_server(uri: str) -> None:
+    parsed = urlparse(uri)
+    form = "http(s)://<host>:<port> of an `mlflow server`"
+    try:
+        host, port = parsed.hostname, parsed.port or _DEFAULT_PORTS[parsed.scheme]
+    except ValueError as error:  # a port that is not a number
+        raise ConfigError(f"{KEY}.tracking_uri", uri, f"{form} ({error})") from None
+    if not host:
+        raise ConfigError(f"{KEY}.tracking_uri", uri, f"{form} (no host)")
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except TimeoutError:
+        problem = f"no answer from {host}:{port} within {CONNECT_TIMEOUT_S:g} s"
+    except ConnectionRefusedError:
+        problem = f"connection to {host}:{port} refused"
+    except socket.gaierror as error:
+        problem = f"unknown host {host}: {error.strerror}"
+    except OSError as error:
+        problem = f"cannot connect to {host}:{port}: {error.strerror or error}"
+    else:
+        return
+    raise ConfigError(f"{KEY}.tracking_uri", uri, f"a reachable MLflow server ({problem})")
+
+
+def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient, str]:
+    """Connect and return (client, experiment id), creating the experiment with an absolute artifact location.
+
+    The location is checked first (`check_reachable`), so a bad one fails before any MLflow call
+    and leaves no run behind. The first connection to a new sqlite file creates its tables
+    (several seconds): a sweep does it once in its callback, before parallel jobs could race on
+    the migration.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    resolved = resolve(tcfg, base_dir)
+    check_reachable(tcfg, base_dir)
+    client = MlflowClient(tracking_uri=resolved.tracking_uri)
+    experiment = client.get_experiment_by_name(resolved.experiment)
+    if experiment is None:
+        try:
+            return client, client.create_experiment(
+                resolved.experiment, artifact_location=resolved.artifact_location
+            )
+        except MlflowException as exc:  # another process created it between our two calls
+            experiment = client.get_experiment_by_name(resolved.experiment)
+            if experiment is None:
+                raise exc
+    if experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"{KEY}.experiment", resolved.experiment,
+            f"an experiment that is not deleted (restore it with `mlflow experiments restore "
+            f"--experiment-id {experiment.experiment_id}` or choose another name)",
+        )
+    return client, experiment.experiment_id

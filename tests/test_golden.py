@@ -1,0 +1,97 @@
+"""Golden numbers: small fixed two-fold runs give exactly the per-neuron tables and layer metrics
+stored in tests/golden/two_fold.json (written by the code at the commit recorded in the file,
+before the analyses moved behind the Analysis seam). A refactor must not move a single number.
+
+Regenerate only for a change that is meant to change the numbers:
+    .venv/bin/python -m tests.test_golden --write
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from intraneuron.reports.artifacts import layer_metrics, load_table
+
+GOLDEN = Path(__file__).parent / "golden" / "two_fold.json"
+TABLES = ("neurons", "categories", "segments", "pairs")
+CASES = json.loads(GOLDEN.read_text())["cases"]
+
+
+def observed(summary, client) -> dict:
+    """Metrics (timings excluded) and tables of a finished job, in the golden file's layout."""
+    run = client.get_run(summary.run_id)
+    metrics, tables = {}, {}
+    for layer in summary.layers:
+        for key, value in layer_metrics(run, layer).items():
+            if not key.endswith("seconds"):
+                metrics[f"layer_{layer}/{key}"] = value
+        for name in TABLES:
+            try:
+                frame = load_table(client, summary.run_id, layer, name)
+            except Exception:  # an empty table is not logged
+                continue
+            rows = [[v.item() if hasattr(v, "item") else v for v in row] for row in frame.itertuples(index=False)]
+            tables[f"layer_{layer}/{name}"] = {"columns": [str(c) for c in frame.columns], "data": rows}
+    return {"metrics": metrics, "tables": tables}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_two_fold_analysis_reproduces_the_golden_numbers(case, run_job):
+    expected = CASES[case]
+    got = observed(*run_job(*expected["overrides"]))
+    assert sorted(got["metrics"]) == sorted(expected["metrics"])
+    differing = [k for k, v in expected["metrics"].items() if not same(v, got["metrics"][k])]
+    assert not differing, {k: (expected["metrics"][k], got["metrics"][k]) for k in differing[:10]}
+    assert sorted(got["tables"]) == sorted(expected["tables"])
+    for name, table in expected["tables"].items():
+        mine = got["tables"][name]
+        assert mine["columns"] == table["columns"], name
+        assert len(mine["data"]) == len(table["data"]), name
+        for row_mine, row_gold in zip(mine["data"], table["data"], strict=True):
+            bad = [c for c, x, y in zip(table["columns"], row_mine, row_gold, strict=True) if not same(x, y)]
+            assert not bad, (name, row_gold[:2], {c: (row_gold[table["columns"].index(c)],
+                                                     row_mine[table["columns"].index(c)]) for c in bad})
+    assert np.isfinite([v for v in got["metrics"].values() if isinstance(v, float)]).any()
+
+
+def write_golden() -> None:
+    """Rerun every case with the code checked out now and store its numbers with the commit."""
+    import os
+    import subprocess
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from mlflow import MlflowClient
+
+    from intraneuron.cli import run_job
+    from intraneuron.paths import CONF_DIR
+
+    cases = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["INTRANEURON_CACHE"] = f"{tmp}/cache"
+        for name, case in CASES.items():
+            uri = f"sqlite:///{tmp}/{name}.db"
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose("config", overrides=[*case["overrides"], f"tracking.tracking_uri={uri}"])
+            cases[name] = {"overrides": case["overrides"], **observed(run_job(cfg), MlflowClient(uri))}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    GOLDEN.write_text(json.dumps({"commit": commit, "cases": cases}, sort_keys=True, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit(__doc__)
+    write_golden()

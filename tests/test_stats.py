@@ -1,0 +1,214 @@
+"""Streaming stats against brute force on random matrices: batching, merging, saving and specs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from scipy import stats as sps
+
+from intraneuron.errors import ConfigError
+from intraneuron.extraction import (
+    ALL_STATS,
+    STAT_NAMES,
+    CombinedStat,
+    ExtractionConfig,
+    profile_key_fields,
+)
+from intraneuron.extraction.cache import cache_key
+from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
+from intraneuron.extraction.stats import PREFIXES, resolve_stats
+
+N, D, M, V, K = 300, 6, 4, 11, 5
+EDGES = torch.linspace(-2, 4, 9)  # [B + 1], B = 8
+CHUNKS = (slice(0, 50), slice(50, 137), slice(137, N))
+CONFIG = ExtractionConfig(top_k=K, hist_min=-2.0, hist_max=4.0, hist_bins=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(N, D, generator=g) * 2 + 1  # [N, D]
+    acts[: EDGES.numel(), 0] = EDGES  # values exactly on the edges
+    acts[:, 1] = acts[:, 1].abs()  # a column that is never negative
+    resid = torch.randn(N, M, generator=g)  # [N, M]
+    ids = torch.randint(0, V, (N,), generator=g)  # [N]
+    ids[ids == 7] = 8  # an unseen type inside the vocabulary
+    return acts, resid, ids, torch.arange(N)
+
+
+MAKERS = {
+    "topk": lambda: TopK(K, D),
+    "types": lambda: TokenTypeTable(V, D),
+    "moments": lambda: Moments(D),
+    "hist": lambda: Histogram(EDGES, D),
+}
+
+
+def feed(stat, acts, ids, pos):
+    if isinstance(stat, TopK):
+        stat.add(acts, pos)
+    elif isinstance(stat, TokenTypeTable):
+        stat.add(acts, ids)
+    else:
+        stat.add(acts)
+    return stat
+
+
+def reference(name: str, acts: torch.Tensor, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Brute force on the full matrix, in the stat's export names."""
+    A = acts.double()
+    if name == "topk":
+        order = torch.sort(A, dim=0, descending=True)
+        return {"topk_values": order.values[:K].T, "topk_positions": order.indices[:K].T}
+    if name == "types":
+        types = ids.unique()
+        rows = [A[ids == t] for t in types]
+        return {
+            "type_ids": types,
+            "type_count": torch.tensor([len(r) for r in rows]),
+            "type_mean": torch.stack([r.mean(0) for r in rows]),
+            "type_max": torch.stack([r.max(0).values for r in rows]),
+        }
+    if name == "moments":
+        a = A.numpy()
+        return {
+            "act_count": torch.tensor(N),
+            "act_mean": torch.from_numpy(a.mean(0)),
+            "act_var": torch.from_numpy(a.var(0)),
+            "act_skew": torch.from_numpy(sps.skew(a, 0)),
+            "act_kurt": torch.from_numpy(sps.kurtosis(a, 0, fisher=False)),
+            "act_min": A.min(0).values,
+            "act_max": A.max(0).values,
+            "act_frac_positive": (A > 0).double().mean(0),
+        }
+    bins = torch.bucketize(acts, EDGES, right=True)  # [N, D] in 0..B+1
+    counts = torch.stack([torch.bincount(bins[:, j], minlength=EDGES.numel() + 1) for j in range(D)])
+    return {"hist_edges": EDGES, "hist_counts": counts}
+
+
+def assert_states(a: dict, b: dict, exact: bool = False, rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in b:
+        if exact or not (a[key].is_floating_point() or b[key].is_floating_point()):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key].double(), b[key].double(), rtol=rtol, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_batched_equals_once_equals_brute_force(name, data):
+    acts, _, ids, pos = data
+    once = feed(MAKERS[name](), acts, ids, pos)
+    batched = MAKERS[name]()
+    for sl in CHUNKS:
+        feed(batched, acts[sl], ids[sl], pos[sl])
+    assert_states(batched.state_dict(), once.state_dict(), exact=name in ("topk", "hist"))
+    assert_states(once.state_dict(), reference(name, acts, ids), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_merge_of_shards_equals_one_pass(name, data):
+    acts, _, ids, pos = data
+    whole = feed(MAKERS[name](), acts, ids, pos)
+    left = feed(MAKERS[name](), acts[:137], ids[:137], pos[:137])
+    right = feed(MAKERS[name](), acts[137:], ids[137:], pos[137:])
+    left.merge(right)
+    assert_states(left.state_dict(), whole.state_dict(), exact=name in ("topk", "hist"))
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_state_dict_round_trips_and_resumes(name, data):
+    acts, _, ids, pos = data
+    first = feed(MAKERS[name](), acts[:137], ids[:137], pos[:137])
+    state = first.state_dict("saved")
+    assert all(k.startswith("saved_") for k in state)
+    rebuilt = type(first).load_state_dict(state, "saved")
+    assert_states(rebuilt.state_dict("saved"), state, exact=True)
+
+    # resume with add, and merge with a shard from elsewhere: both as if one pass
+    whole = feed(MAKERS[name](), acts, ids, pos).state_dict()
+    exact = name in ("topk", "hist")
+    resumed = feed(type(first).load_state_dict(state, "saved"), acts[137:], ids[137:], pos[137:])
+    assert_states(resumed.state_dict(), whole, exact=exact)
+    merged = type(first).load_state_dict(state, "saved")
+    merged.merge(feed(MAKERS[name](), acts[137:], ids[137:], pos[137:]))
+    assert_states(merged.state_dict(), whole, exact=exact)
+
+
+def test_rebuilt_type_table_grows_to_the_other_shards_vocabulary(data):
+    acts, _, ids, _ = data
+    low = ids < 5
+    part = feed(TokenTypeTable(V, D), acts[low], ids[low], None)
+    small = TokenTypeTable.load_state_dict(part.state_dict())  # vocabulary 0..4 only
+    assert small.count.numel() == 5
+    small.merge(feed(TokenTypeTable(V, D), acts[~low], ids[~low], None))
+    assert_states(small.state_dict(), feed(TokenTypeTable(V, D), acts, ids, None).state_dict())
+
+
+def test_combined_stat_keys_are_disjoint_and_prefixed(data):
+    acts, resid, ids, pos = data
+    combined = CombinedStat.build(ALL_STATS, d_mlp=D, d_model=M, vocab_size=V, config=CONFIG)
+    combined.add(acts, resid, ids, pos)
+    state = combined.state_dict()
+    per_stat = {name: stat.state_dict(PREFIXES[name]) for name, stat in combined.stats.items()}
+    # the regression: the layer-input table once wrote type_ids / type_count over the neurons'
+    assert sum(len(s) for s in per_stat.values()) == len(state)
+    for name, part in per_stat.items():
+        assert all(k.startswith(PREFIXES[name] + "_") for k in part), name
+    assert {"type_ids", "type_count", "resid_ids", "resid_count", "resid_mean"} <= state.keys()
+    assert "resid_max" not in state
+    ref = reference("types", resid, ids)
+    torch.testing.assert_close(state["resid_mean"].double(), ref["type_mean"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(state["resid_count"], ref["type_count"])
+
+
+def test_combined_stat_merges_and_round_trips(data):
+    acts, resid, ids, pos = data
+
+    def build(spec=ALL_STATS):
+        return CombinedStat.build(spec, d_mlp=D, d_model=M, vocab_size=V, config=CONFIG)
+
+    whole = build()
+    whole.add(acts, resid, ids, pos)
+    left, right = build(), build()
+    left.add(acts[:137], resid[:137], ids[:137], pos[:137])
+    right.add(acts[137:], resid[137:], ids[137:], pos[137:])
+    rebuilt = CombinedStat.load_state_dict(left.state_dict())
+    assert rebuilt.spec == tuple(sorted(ALL_STATS))
+    rebuilt.merge(right)
+    assert_states(rebuilt.state_dict(), whole.state_dict())
+
+    only = build({"moments", "topk"})
+    only.add(acts, None, ids, pos)
+    assert {k.split("_")[0] for k in only.state_dict()} == {"act", "topk"}
+    with pytest.raises(ValueError, match="merge"):
+        only.merge(whole)
+
+
+def test_stat_names_and_spec_checks():
+    assert STAT_NAMES == ("topk", "token_types", "moments", "histogram", "input_token_types")
+    assert resolve_stats(["moments", "topk", "moments"], CONFIG) == ("moments", "topk")
+    assert resolve_stats(None, CONFIG) == tuple(sorted(STAT_NAMES))
+    no_input = dataclasses.replace(CONFIG, input_site=None)
+    assert "input_token_types" not in resolve_stats(None, no_input)
+    with pytest.raises(ConfigError) as err:
+        resolve_stats(["input_token_types"], no_input)
+    assert err.value.key == "extraction.input_site"
+    with pytest.raises(ConfigError, match="stats"):
+        resolve_stats(["topk", "sparsity"], CONFIG)
+
+
+def test_cache_key_follows_the_spec(tiny_gpt2, small_windows):
+    def key(spec, config=CONFIG):
+        return cache_key(profile_key_fields(tiny_gpt2, small_windows, 0, config, spec))
+
+    assert key(["topk", "moments"]) == key(["moments", "topk"]) == key(("topk", "moments", "topk"))
+    assert key(["topk", "moments"]) != key(["topk", "moments", "histogram"])
+    assert key(None) == key(STAT_NAMES) != key(["topk"])
+    # a setting only another stat reads does not split the cache
+    assert key(["moments"]) == key(["moments"], dataclasses.replace(CONFIG, top_k=K + 1))
+    assert key(["topk"]) != key(["topk"], dataclasses.replace(CONFIG, top_k=K + 1))
+    fields = profile_key_fields(tiny_gpt2, small_windows, 0, CONFIG, ["topk", "moments"])
+    assert fields["stats"] == ["moments", "topk"]
