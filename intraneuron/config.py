@@ -24,7 +24,7 @@ from omegaconf.errors import (
 )
 
 from intraneuron.corpus.config import CorpusConfig
-from intraneuron.errors import ConfigError
+from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.models.config import ModelConfig
 from intraneuron.tracking.store import TrackingConfig
@@ -93,9 +93,7 @@ def _resolved(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
-        key = getattr(error, "full_key", None) or "config"
-        first_line = str(error).split("\n")[0]
-        raise ConfigError(key, "(unresolvable)", f"a resolvable value ({first_line})") from None
+        raise unresolvable(error) from None
 
 
 def _group(tree: dict[str, Any], name: str) -> dict[str, Any]:

@@ -19,5 +19,12 @@ class ConfigError(ValueError):
         return type(self), (self.key, self.value, self.allowed)
 
 
+def unresolvable(error: Exception) -> ConfigError:
+    """The ConfigError for an OmegaConf interpolation that does not resolve (`layer=${nope}`)."""
+    key = getattr(error, "full_key", None) or "config"
+    first_line = str(error).split("\n")[0]
+    return ConfigError(key, "(unresolvable)", f"a resolvable value ({first_line})")
+
+
 class MissingAssetError(FileNotFoundError):
     """A file the run needs (model, corpus, vendored data) is not where it should be."""

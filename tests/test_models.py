@@ -308,7 +308,7 @@ def test_unknown_architecture_lists_supported_ones(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.source='t5' is not allowed: expected one of .*'gpt2'.*'llama'"):
         adapter_for(T5Config())
-    with pytest.raises(ConfigError, match=r"model='made_up'.*'bert'.*'gpt_neox'"):
+    with pytest.raises(ConfigError, match=r"model.source='made_up'.*'bert'.*'gpt_neox'"):
         adapter_for(SimpleNamespace(model_type="made_up"))
     # a directory holding only a T5 config: rejected from the config, before any weights are read
     T5Config(num_layers=1).save_pretrained(tmp_path)

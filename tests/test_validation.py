@@ -48,15 +48,14 @@ class Case:
     key: str  # what the error names (ConfigError.key, or the start of a MissingAssetError's message)
     error: type = ConfigError
     run: str | None = "FAILED"  # what the store holds afterwards: one FAILED run, or no run at all
-    xfail: str | None = None
 
     @property
     def about_tracking(self) -> bool:
         return any(o.lstrip("+").startswith("tracking.tracking_uri=") for o in self.overrides)
 
 
-def case(id_, *overrides, key, error=ConfigError, run="FAILED", xfail=None) -> Case:
-    return Case(id_, overrides, key, error, run, xfail)
+def case(id_, *overrides, key, error=ConfigError, run="FAILED") -> Case:
+    return Case(id_, overrides, key, error, run)
 
 
 # Placeholders: {files} = a folder of prepared text files, {db} = the test store, {port} = a free
@@ -70,9 +69,7 @@ CASES = [
     case("layer-empty-list", "layer=[]", key="layer"),
     case("layer-not-an-int", "layer=abc", key="layer"),
     case("layer-bool", "layer=true", key="layer"),
-    case("layer-unresolvable", "layer=${nope}", key="layer", run=None,
-         xfail="tracking/run.py:190 (tracked_task: params via _select) resolves the config before "
-               "validation: InterpolationKeyError with a traceback, not a ConfigError"),
+    case("layer-unresolvable", "layer=${nope}", key="layer", run=None),
     # model
     case("model-dtype", "model.dtype=float8", key="model.dtype"),
     case("model-device", "model.device=gpu", key="model.device"),
@@ -124,9 +121,7 @@ CASES = [
     case("extraction-skip-negative", "extraction.skip_first_positions=-1", key="extraction.skip_first_positions"),
     case("extraction-device", "extraction.device=cuda:x", key="extraction.device"),
     case("extraction-device-unresolvable", f"extraction.device=${{oc.env:{UNSET_VARIABLE}}}",
-         key="extraction.device", run=None,
-         xfail="tracking/run.py:190 (tracked_task: params via _select) resolves the config before "
-               "validation: InterpolationResolutionError with a traceback, not a ConfigError"),
+         key="extraction.device", run=None),
     case("extraction-unknown-key", "+extraction.topk=10", key="extraction.topk"),
     # neurons
     case("neurons-select", "neurons.select=some", key="neurons.select"),
@@ -289,9 +284,9 @@ def store(tmp_path_factory) -> str:
     """One sqlite store for the whole battery (its tables are created once, here); each case logs to
     an experiment of its own."""
     import mlflow  # noqa: F401  imported here, so that no case's timing pays for it
+    from mlflow import MlflowClient
 
     import intraneuron.tracking.run  # noqa: F401
-    from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
     MlflowClient(uri).search_experiments()
@@ -317,7 +312,7 @@ def fill(overrides, *, files: Path, db: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize(
     "case",
-    [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c.xfail)) if c.xfail else c for c in CASES],
+    CASES,
     ids=CASE_IDS,
 )
 def test_bad_value_fails_before_the_model_in_one_line_naming_the_key(
@@ -428,8 +423,6 @@ def every_key() -> set[str]:
 def test_every_key_the_battery_named_exists(every_key):
     report = []
     for c in CASES:
-        if c.xfail:
-            continue
         key = PRODUCED.get(c.id, c.key)
         added = [p for p in plus_paths(c.overrides) if key == p or key.startswith(p + ".")]
         if added:  # it names the key the user added, whose group exists
@@ -529,6 +522,7 @@ def test_every_key_a_config_error_names_in_the_source_exists(every_key):
     print(f"\n{len(checked)} keys named in the source, all found in the config tree:")
     for where, kind, text in sorted(checked, key=lambda r: r[2]):
         note = f"   (Python argument: {API_ARGUMENTS[text]})" if text in API_ARGUMENTS else ""
+        note += "   (MissingAssetError)" if kind == "asset" else ""
         print(f"  {text + ('...' if kind == 'prefix' else ''):45} {where}{note}")
     print(f"{len(dynamic)} keys known only at run time (the battery covers them):")
     for where, expression in dynamic:

@@ -22,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
-from intraneuron.errors import ConfigError
+from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.reports.artifacts import COMPOSED_CONFIG, ERROR_TEXT, OVERRIDES
 from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, current_hydra_job, launch_dir
 from intraneuron.tracking.logger import RunLogger
@@ -182,7 +182,12 @@ def tracked_task(
         @functools.wraps(fn)
         def task(cfg: Any) -> R:
             from omegaconf import OmegaConf
+            from omegaconf.errors import OmegaConfBaseException
 
+            try:  # an interpolation that does not resolve is the user's mistake: one line, no run
+                config_dict = OmegaConf.to_container(cfg, resolve=True)
+            except OmegaConfBaseException as error:
+                raise unresolvable(error) from None
             node = OmegaConf.select(cfg, tracking_key)
             if node is None:
                 raise ConfigError(tracking_key, None, "a tracking config group (e.g. tracking: mlflow)")
@@ -199,7 +204,7 @@ def tracked_task(
                     run_name=name,
                     params=params,
                     tags={},
-                    config_dict=OmegaConf.to_container(cfg, resolve=True),
+                    config_dict=config_dict,
                     overrides=job.overrides if job else None,
                 ) as run:
                     return fn(cfg, run)
