@@ -17,8 +17,8 @@ def default_model_and_windows(window_len: int = 128):
 
     handle = load_model("smollm2-135m")
     windows = build_windows(
-        load_source("gutenberg_novels"), handle.tokenizer, window_len=window_len,
-        source_key=source_key("gutenberg_novels"),
+        load_source("gutenberg"), handle.tokenizer, window_len=window_len,
+        source_key=source_key("gutenberg"),
     )
     return handle, windows
 

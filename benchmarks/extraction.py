@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import default_model_and_windows, prefix, timer  # noqa: E402
 
-from intraneuron.extraction import ExtractionSettings, extract_profiles  # noqa: E402
+from intraneuron.extraction import ExtractionConfig, extract_profiles  # noqa: E402
 from intraneuron.extraction.cache import ProfileCache  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def plain_forward(model, windows, batch_size, keep_layers: int | None):
 def rss_probe(n_tokens: int, layer: int, batch_size: int) -> None:
     handle, windows = default_model_and_windows()
     sub = prefix(windows, n_tokens)
-    settings = ExtractionSettings(batch_size=batch_size, progress=False)
+    settings = ExtractionConfig(batch_size=batch_size, progress=False)
     extract_profiles(handle, sub, [layer], settings, cache=None)
     print(json.dumps({"tokens": sub.n_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -71,7 +71,7 @@ def main() -> None:
     handle, windows = default_model_and_windows()
     sub = prefix(windows, args.tokens)
     n = sub.n_tokens
-    settings = ExtractionSettings(batch_size=args.batch_size, progress=False)
+    settings = ExtractionConfig(batch_size=args.batch_size, progress=False)
     print(f"model smollm2-135m ({handle.n_layers} layers, d_mlp {handle.d_mlp}), {n} tokens, "
           f"windows of {sub.window_len}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 

@@ -24,7 +24,7 @@ from intraneuron.corpus import (
     austen,
     build_windows,
     decode_context,
-    gutenberg_novels,
+    gutenberg,
     hf_dataset,
     load_source,
     rdata_books,
@@ -123,7 +123,7 @@ def build(documents, tokenizer, root, window_len=8, source="small", **kwargs):
 
 
 def test_default_corpus_is_nine_novels_over_a_million_gpt2_tokens(gpt2, tmp_path):
-    documents = list(gutenberg_novels())
+    documents = list(gutenberg())
     assert len(documents) == 9
     assert documents[0].startswith("SENSE AND SENSIBILITY")
     assert documents[5].startswith("Persuasion")
@@ -139,13 +139,13 @@ def test_default_corpus_is_nine_novels_over_a_million_gpt2_tokens(gpt2, tmp_path
         gpt2,
         window_len=1024,
         cache_root=tmp_path,
-        source_key=source_key("gutenberg_novels"),
+        source_key=source_key("gutenberg"),
     )
     assert built.n_tokens >= 1_000_000
     assert built.ids.shape == (built.n_windows, 1024)
     # windows hold real prose: the first window decodes back to the novel's opening
     assert gpt2.decode(built.window(0)[:6].tolist()).startswith("SENSE AND SENSIBILITY")
-    assert set(PROVENANCE) >= {"austen", "gutenberg_novels"}
+    assert set(PROVENANCE) >= {"austen", "gutenberg"}
     for entry in PROVENANCE.values():
         assert "MIT" in entry["package_licence"] and "public domain" in entry["text_licence"]
 
@@ -386,7 +386,7 @@ def test_source_key_tracks_file_content(text_dir):
     assert source_key("text_files", paths=str(text_dir / "*.txt")) == key
     (text_dir / "a.txt").write_text("Edited.\n", encoding="utf-8")
     assert source_key("text_files", paths=str(text_dir / "*.txt")) != key
-    packaged = source_key("gutenberg_novels")
+    packaged = source_key("gutenberg")
     assert f"reader=v{rdata_books.READER_VERSION}" in packaged and packaged != source_key("austen")
 
 

@@ -13,6 +13,7 @@ from intraneuron.errors import ConfigError
 from intraneuron.extraction import ExtractionConfig, extract_profiles
 from intraneuron.extraction.cache import ProfileCache
 from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
+from tests.test_stats import feed
 
 SETTINGS = ExtractionConfig(top_k=7, batch_size=5, hist_min=-1.0, hist_max=1.0, hist_bins=16, progress=False)
 
@@ -92,25 +93,16 @@ def test_reducers_merge_across_shards_like_one_pass():
         for _ in range(2)
     ]
     for r in whole:
-        _feed(r, acts, ids, pos)
+        feed(r, acts, ids, pos)
     for part, sl in zip(halves, (slice(0, 137), slice(137, 300)), strict=True):
         for r in part:
-            _feed(r, acts[sl], ids[sl], pos[sl])
+            feed(r, acts[sl], ids[sl], pos[sl])
     for merged, other, reference in zip(halves[0], halves[1], whole, strict=True):
         merged.merge(other)
         a, b = merged.state_dict(), reference.state_dict()
         assert a.keys() == b.keys()
         for key in b:
             assert torch.allclose(a[key].double(), b[key].double(), atol=1e-5), key
-
-
-def _feed(reducer, acts, ids, pos):
-    if isinstance(reducer, TopK):
-        reducer.add(acts, pos)
-    elif isinstance(reducer, TokenTypeTable):
-        reducer.add(acts, ids)
-    else:
-        reducer.add(acts)
 
 
 def test_early_exit_never_runs_later_layers(tiny_gpt2, small_windows):

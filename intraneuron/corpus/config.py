@@ -11,7 +11,7 @@ from intraneuron.errors import ConfigError
 @dataclass
 class CorpusConfig:
     name: str = "gutenberg"
-    source: str = "gutenberg_novels"
+    source: str = "gutenberg"
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the source
     window_len: int = 128
     max_tokens: int | None = None

@@ -32,7 +32,7 @@ PROVENANCE: dict[str, dict[str, object]] = {
         "package_licence": _PACKAGE_LICENCE,
         "text_licence": _TEXT_LICENCE,
     },
-    "gutenberg_novels": {
+    "gutenberg": {
         "description": "Austen's six novels plus the three non-Austen novels of tidytext's books.rda "
         "(its duplicate Pride and Prejudice skipped): nine documents",
         "books": [f"{title} (Jane Austen)" for title in rdata_books.AUSTEN_NOVELS.values()]
@@ -57,7 +57,7 @@ PROVENANCE: dict[str, dict[str, object]] = {
     },
 }
 
-DEFAULT_SOURCE = "gutenberg_novels"
+DEFAULT_SOURCE = "gutenberg"
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -71,10 +71,10 @@ def austen() -> Iterator[str]:
     return (book.text for book in rdata_books.austen_books())
 
 
-def gutenberg_novels() -> Iterator[str]:
+def gutenberg() -> Iterator[str]:
     """The default corpus: Austen's six novels then War of the Worlds, Twenty Thousand Leagues,
     Great Expectations (about 1.5M GPT-2 tokens)."""
-    _vendored_files("gutenberg_novels")
+    _vendored_files("gutenberg")
     return (
         book.text
         for books in (rdata_books.austen_books, rdata_books.tidytext_books)
@@ -162,7 +162,7 @@ def hf_dataset(
     except ImportError as error:
         raise ImportError(
             "corpus source 'hf_dataset' needs the Hugging Face `datasets` library, which is not "
-            "installed: run `pip install datasets` (or use source 'text_files' / 'gutenberg_novels')"
+            "installed: run `pip install datasets` (or use source 'text_files' / 'gutenberg')"
         ) from error
     stream = datasets.load_dataset(name, config, split=split, streaming=True, revision=revision)
     return _read_records(stream, text_field, f"{name}/{config or ''}:{split}")
@@ -179,7 +179,7 @@ def _read_records(records: Iterable[dict], text_field: str, where: str) -> Itera
 
 
 SOURCES: dict[str, Callable[..., Iterator[str]]] = {
-    "gutenberg_novels": gutenberg_novels,
+    "gutenberg": gutenberg,
     "austen": austen,
     "text_files": text_files,
     "hf_dataset": hf_dataset,

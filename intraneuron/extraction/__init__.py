@@ -20,8 +20,6 @@ _SOURCES = {
     "Patch": "patching",
     "patch_sites": "patching",
 }
-# Older name of ExtractionConfig, still imported by code outside this package.
-_ALIASES = {"ExtractionSettings": ("config", "ExtractionConfig")}
 
 __all__ = [
     "ALL_STATS", "STAT_NAMES", "ActivationProfile", "CombinedStat", "ExtractionConfig", "Patch", "Stat",
@@ -36,20 +34,14 @@ if TYPE_CHECKING:
     from intraneuron.extraction.reducers import Stat
     from intraneuron.extraction.stats import ALL_STATS, STAT_NAMES, CombinedStat
 
-    ExtractionSettings = ExtractionConfig
-
 
 def __getattr__(name: str):
-    if name in _SOURCES:
-        module, attr = _SOURCES[name], name
-    elif name in _ALIASES:
-        module, attr = _ALIASES[name]
-    else:
+    if name not in _SOURCES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{module}"), attr)
+    value = getattr(import_module(f"{__name__}.{_SOURCES[name]}"), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_SOURCES, *_ALIASES])
+    return sorted([*globals(), *_SOURCES])
