@@ -24,6 +24,8 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from intraneuron.reports.artifacts import layer_metric
+
 REPO = Path(__file__).resolve().parents[1]
 SWEPT = {
     "core_tokens": "top100,fraction_of_max",
@@ -66,7 +68,7 @@ def main() -> None:
         runs = client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''")
         runs = sorted(runs, key=lambda r: int(r.data.tags["hydra.job_num"]))
         extraction = [r.data.metrics["extraction_seconds"] for r in runs]
-        analysis = [r.data.metrics[f"layer_{args.layer}/analysis_seconds"] for r in runs]
+        analysis = [r.data.metrics[layer_metric(args.layer, "analysis_seconds")] for r in runs]
         setup = [r.data.metrics["setup_seconds"] for r in runs]
         n_profiles = len([p for p in (cache / "profiles").iterdir() if not p.name.startswith(".")])
 

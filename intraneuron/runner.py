@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from intraneuron import paths
 from intraneuron.analyses.base import Job
 from intraneuron.config import check_layers, validate
+from intraneuron.errors import ConfigError
 from intraneuron.reports import artifacts
 from intraneuron.tracking.logger import RunLogger
 
@@ -38,12 +39,18 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
 
     rc = validate(cfg)
     analysis = rc.analysis
+    requirements = analysis.requirements(rc)
+    if requirements.n_models != 1:
+        raise ConfigError(
+            "analysis._target_", type(analysis).__name__,
+            f"an analysis of one model (this one needs {requirements.n_models}; the runner loads `model`)",
+        )  # fmt: skip
     started = time.perf_counter()
     handle = rc.model.load()
     check_layers(rc.layers, handle.n_layers, rc.model.name)
     analysis.check_model(rc, handle)
     windows = rc.corpus.windows(handle.tokenizer)
-    stats = analysis.requirements(rc).stats
+    stats = requirements.stats
     keys = {
         layer: cache_key(profile_key_fields(handle, windows, layer, rc.extraction, stats))
         for layer in rc.layers

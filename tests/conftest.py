@@ -58,14 +58,11 @@ def small_windows(tmp_path_factory, tiny_gpt2, austen_text):
 def job_cache(tmp_path_factory):
     """A cache root shared by the in-process end-to-end tests (tiny models, token windows, profiles
     are built once per session); the Debian texts are still found under the project's .cache."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("INTRANEURON_CACHE", str(root))
-        yield root
+    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
-def run_job(job_cache, tmp_path):
+def run_job(job_cache, tmp_path, monkeypatch):
     """Compose the real config with overrides and run one tracked job in this process, the way the
     CLI does (minus the process start): returns (JobSummary, MlflowClient of its store)."""
     from hydra import compose, initialize_config_dir
@@ -75,6 +72,7 @@ def run_job(job_cache, tmp_path):
     from intraneuron.paths import CONF_DIR
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("INTRANEURON_CACHE", str(job_cache))  # a test may point it elsewhere after this
 
     def run(*overrides: str):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -205,15 +205,18 @@ def test_keyword_hidden_states_are_patched():
         (Patch(NEURONS, "mean_ablate", torch.zeros(5), neurons=[1]), "patch.value"),
     ],
 )
-def test_bad_patches_raise_config_errors(handles, patch, key):
+def test_bad_patches_raise_before_any_hook_is_registered(handles, patch, key):
     handle, hooks = handles["gpt2"], n_hooks(handles["gpt2"].model)
-    if key == "adapter":  # unknown sites and layers: the adapter's own error, unchanged
+    if key == "adapter":  # unknown sites and layers: the adapter's own ConfigError, unchanged
         with pytest.raises(ConfigError) as expected:
             handle.site(patch.site)
-        key = expected.value.key
-    with pytest.raises(ConfigError) as err, patch_sites(handle, [Patch(NEURONS, "set"), patch]):
-        pass
-    assert err.value.key == key
+        with pytest.raises(ConfigError) as err, patch_sites(handle, [Patch(NEURONS, "set"), patch]):
+            pass
+        assert err.value.key == expected.value.key
+    else:  # a mistake in the code that built the patch
+        with pytest.raises(ValueError, match=key.replace("patch", "Patch")), \
+                patch_sites(handle, [Patch(NEURONS, "set"), patch]):  # fmt: skip
+            pass
     assert n_hooks(handle.model) == hooks
-    with pytest.raises(ConfigError, match="patch.op"):
+    with pytest.raises(ValueError, match="Patch.op"):
         Patch(NEURONS, "zero")

@@ -196,7 +196,7 @@ def test_stat_names_and_spec_checks():
     with pytest.raises(ConfigError) as err:
         resolve_stats(["input_token_types"], no_input)
     assert err.value.key == "extraction.input_site"
-    with pytest.raises(ConfigError, match="stats"):
+    with pytest.raises(ValueError, match="stats=.*sparsity"):
         resolve_stats(["topk", "sparsity"], CONFIG)
 
 

@@ -30,15 +30,9 @@ PACKAGE_DIR = Path(intraneuron.__file__).resolve().parent
 UNSET_VARIABLE = "INTRANEURON_TEST_UNSET_VARIABLE"
 TRACKING_SECONDS = 5.0  # a bad tracking location is reported within this, not after MLflow's retries
 
-# Keys of ConfigErrors that name a Python argument, not a config key: no config group sets them.
-API_ARGUMENTS = {
-    "patch.op": "extraction.patching.Patch, built in code by an intervening analysis",
-    "patch.neurons": "extraction.patching.Patch",
-    "patch.value": "extraction.patching.Patch",
-    "stats": "the stats= of extract_profiles, set by an analysis's requirements()",
-    "module": "ModelHandle.module(path)",
-    "param_keys": "tracking.tracked_task(param_keys=...), set by the command line's code",
-}
+# Keys of ConfigErrors that name a Python argument, not a config key: none (code mistakes raise
+# ValueError), kept as the place to declare one if a reason ever comes.
+API_ARGUMENTS: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

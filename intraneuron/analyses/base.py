@@ -32,9 +32,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Requirements:
-    stats: frozenset[str]  # statistics kept per layer during the pass (intraneuron.extraction.STAT_NAMES)
+    """What the runner must provide before `analyse_layer`.
+
+    stats: statistics kept per layer during the streaming pass (intraneuron.extraction.STAT_NAMES);
+    they are part of the profile cache key. n_models: models loaded (the runner loads one, `model`).
+    passes: "observe" reads activations only; "intervene" also runs its own forward passes with
+    write hooks (`extraction.patching`) on `job.handle` inside `analyse_layer`.
+    """
+
+    stats: frozenset[str]
     n_models: int = 1
-    passes: Literal["observe", "intervene"] = "observe"  # intervene: forward passes with write hooks
+    passes: Literal["observe", "intervene"] = "observe"
 
 
 @dataclass

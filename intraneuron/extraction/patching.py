@@ -24,8 +24,6 @@ from typing import Literal, get_args
 
 import torch
 
-from intraneuron.errors import ConfigError
-
 PatchOp = Literal["set", "add", "scale", "mean_ablate"]
 PATCH_OPS = get_args(PatchOp)
 
@@ -47,7 +45,7 @@ class Patch:
 
     def __post_init__(self):
         if self.op not in PATCH_OPS:
-            raise ConfigError("patch.op", self.op, PATCH_OPS)
+            raise ValueError(f"Patch.op={self.op!r}: expected one of {PATCH_OPS}")
 
     def index(self) -> torch.Tensor | None:
         """The selected units as a long tensor [n_selected], or None for all."""
@@ -112,11 +110,11 @@ def patch_sites(handle, patches: Sequence[Patch], *, prepend: bool = False) -> I
 def _checked_index(patch: Patch, width: int) -> torch.Tensor | None:
     index = patch.index()
     if index is not None and (index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= width):
-        raise ConfigError("patch.neurons", patch.neurons, f"a non-empty set of units in 0..{width - 1}")
+        raise ValueError(f"Patch.neurons={patch.neurons!r}: expected a non-empty set of units in 0..{width - 1}")
     value = patch.value
     if patch.op == "mean_ablate" and isinstance(value, torch.Tensor) and value.dim() > 0:
         if value.shape != (width,):
-            raise ConfigError("patch.value", tuple(value.shape), f"a per-unit mean of shape ({width},)")
+            raise ValueError(f"Patch.value of shape {tuple(value.shape)}: expected a per-unit mean of shape ({width},)")
     return index
 
 

@@ -50,7 +50,7 @@ def resolve_stats(stats: Iterable[str] | None, config: ExtractionConfig) -> tupl
     spec = tuple(sorted(set(stats)))
     unknown = [s for s in spec if s not in ALL_STATS]
     if unknown or not spec:
-        raise ConfigError("stats", unknown or list(spec), STAT_NAMES)
+        raise ValueError(f"stats={unknown or list(spec)}: expected names from {STAT_NAMES}")
     if "input_token_types" in spec and config.input_site is None:
         raise ConfigError(
             "extraction.input_site", None, "'hook_resid_pre' when the stat 'input_token_types' is requested"

@@ -18,13 +18,13 @@ class ModelConfig:
 
     def validate(self) -> None:
         from intraneuron.errors import ConfigError, MissingAssetError
-        from intraneuron.models.loading import PACKAGED, _looks_like_path, parse_device, parse_dtype
+        from intraneuron.models.loading import PACKAGED, looks_like_path, parse_device, parse_dtype
 
         parse_dtype(self.dtype)
         parse_device(self.device)
         if self.n_layers is not None and self.n_layers < 1:
             raise ConfigError("model.n_layers", self.n_layers, "null (read config.json) or an integer >= 1")
-        if self.source not in PACKAGED and _looks_like_path(self.source):
+        if self.source not in PACKAGED and looks_like_path(self.source):
             if not Path(self.source).expanduser().exists():
                 raise MissingAssetError(
                     f"model.source: {self.source} does not exist (a packaged name, a model directory, "

@@ -88,9 +88,7 @@ class ModelHandle:
         try:
             return self.model.get_submodule(path)
         except AttributeError:
-            raise ConfigError(
-                "module", path, f"a module path of {type(self.model).__name__}"
-            ) from None
+            raise ValueError(f"{path!r} is not a module path of {type(self.model).__name__}") from None
 
     def site(self, name: str) -> Site:
         return self.adapter.site(name, self.config)
@@ -113,7 +111,7 @@ def load_model(
     else:
         location = Path(source).expanduser()
         if not location.exists():
-            if _looks_like_path(source):
+            if looks_like_path(source):
                 raise MissingAssetError(f"model path {source!r} does not exist")
             location = None  # a hub id
 
@@ -160,7 +158,7 @@ def parse_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """Hub ids are "name" or "org/name"; anything else that is missing is a missing path."""
     return (
         source.startswith(("/", ".", "~"))

@@ -225,5 +225,5 @@ def _select(cfg: Any, key: str) -> Any:
     missing = object()
     value = OmegaConf.select(cfg, key, default=missing)
     if value is missing:
-        raise ConfigError("param_keys", key, "keys that exist in the composed config")
+        raise ValueError(f"param_keys: {key!r} is not a key of the composed config")
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, Container) else value
