@@ -322,7 +322,7 @@ def test_site_errors_name_the_key(tiny_model_dirs):
         handle.site("blocks.3.mlp.hook_post")
     with pytest.raises(ConfigError, match=r"site='blocks\.0\.attn\.hook_z'.*blocks\.\{layer\}\.mlp\.hook_post"):
         handle.site("blocks.0.attn.hook_z")
-    with pytest.raises(ConfigError, match="module='transformer.h.9'"):
+    with pytest.raises(ValueError, match="'transformer.h.9' is not a module path"):
         handle.module("transformer.h.9")
 
 
