@@ -108,3 +108,9 @@ def test_an_unknown_group_option_names_the_group_and_the_choices():
         compose_config("model=gpt5")
     message = str(caught.value)
     assert "model/gpt5" in message and "smollm2-135m" in message and "tiny-gpt2" in message
+
+
+@pytest.mark.parametrize("analysis", sorted(available()))
+def test_the_smoke_experiment_validates_with_every_analysis(analysis):
+    run = validate(compose_config("experiment=smoke", f"analysis={analysis}"))
+    assert run.model.name == "tiny-gpt2"
