@@ -16,6 +16,7 @@ V = vocabulary size, K = top-k, T = token types seen, B = histogram bins.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar, Self
 
 import torch
@@ -23,23 +24,27 @@ import torch
 State = dict[str, torch.Tensor]
 
 
-class Stat:
+class Stat(ABC):
     """A streaming statistic: add batches, merge shards, save and rebuild."""
 
     prefix: ClassVar[str]  # what `state_dict()` uses when no prefix is given
 
+    @abstractmethod
     def add(self, *args: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Fold one batch in (each stat names its own arguments)."""
 
+    @abstractmethod
     def merge(self, other: Self) -> None:
-        raise NotImplementedError
+        """Fold in the same stat computed over another shard."""
 
+    @abstractmethod
     def state_dict(self, prefix: str | None = None) -> State:
-        raise NotImplementedError
+        """Tensors whose names all start with `prefix` (default: the class's)."""
 
     @classmethod
+    @abstractmethod
     def load_state_dict(cls, state: State, prefix: str | None = None) -> Self:
-        raise NotImplementedError
+        """The stat rebuilt from what `state_dict(prefix)` wrote."""
 
 
 class TopK(Stat):
