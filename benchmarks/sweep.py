@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from intraneuron.reports.artifacts import layer_metric
+from intraneuron.reports.artifacts import load_summary
 
 REPO = Path(__file__).resolve().parents[1]
 SWEPT = {
@@ -68,7 +68,7 @@ def main() -> None:
         runs = client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''")
         runs = sorted(runs, key=lambda r: int(r.data.tags["hydra.job_num"]))
         extraction = [r.data.metrics["extraction_seconds"] for r in runs]
-        analysis = [r.data.metrics[layer_metric(args.layer, "analysis_seconds")] for r in runs]
+        analysis = [load_summary(client, r.info.run_id, args.layer)["analysis_seconds"] for r in runs]
         setup = [r.data.metrics["setup_seconds"] for r in runs]
         n_profiles = len([p for p in (cache / "profiles").iterdir() if not p.name.startswith(".")])
 

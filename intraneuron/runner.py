@@ -28,8 +28,7 @@ RUN_PARAM_KEYS = ("layer", "model", "corpus", "extraction", "analysis")
 @dataclass
 class JobSummary:
     run_id: str
-    layers: dict[int, dict[str, float]]  # layer -> its metrics
-    headline: tuple[str, ...] = ()  # the analysis's headline metric keys
+    layers: dict[int, dict[str, float]]  # layer -> its headline metrics (readable name -> value)
 
 
 def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
@@ -73,11 +72,12 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats)
     tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
 
-    summary = JobSummary(tracker.run_id, {}, analysis.headline)
+    summary = JobSummary(tracker.run_id, {})
+    headline = dict(analysis.headline)
+    tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
     for layer in rc.layers:
         result = analysis.analyse_layer(job, layer, profiles[layer])
-        artifacts.log_layer_result(tracker, layer, result)
-        summary.layers[layer] = result.metrics
+        summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
     tracker.set_tags({"mlflow.note.content": describe(summary)})
     return summary
 
@@ -85,7 +85,6 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
 def describe(summary: JobSummary) -> str:
     """The headline sentence of a job: each layer's headline metrics."""
     return "\n".join(
-        f"layer {layer}: "
-        + ", ".join(f"{key}={metrics[key]:.3g}" for key in summary.headline if key in metrics)
+        f"layer {layer}: " + ", ".join(f"{name}={value:.3g}" for name, value in metrics.items())
         for layer, metrics in summary.layers.items()
     )

@@ -14,7 +14,7 @@ from intraneuron.analyses.neuron_stats.analysis import (
     neuron_table,
 )
 from intraneuron.extraction import ExtractionConfig, extract_profiles
-from intraneuron.reports.artifacts import figure_path, load_table
+from intraneuron.reports.artifacts import figure_path, load_summary, load_table
 from tests.test_extraction import full_activations
 
 SETTINGS = ExtractionConfig(top_k=6, batch_size=8, hist_min=-0.5, hist_max=0.5, hist_bins=20, progress=False)
@@ -94,8 +94,9 @@ def test_neuron_stats_end_to_end_through_mlflow(run_job):
     for layer in (0, 2):
         neurons = load_table(client, run.info.run_id, layer, "neurons")
         assert neurons["neuron"].tolist() == list(range(16))
-        assert run.data.metrics[f"layer_{layer}/neurons/n"] == 16
-        assert run.data.metrics[f"layer_{layer}/kurtosis/median"] == pytest.approx(neurons["kurtosis"].median())
+        assert run.data.metrics[f"L{layer}/neurons"] == 16
+        assert run.data.metrics[f"L{layer}/kurtosis_median"] == pytest.approx(neurons["kurtosis"].median())
+        assert load_summary(client, run.info.run_id, layer)["skew/q90"] == pytest.approx(neurons["skew"].quantile(0.9))
         contexts = load_table(client, run.info.run_id, layer, "contexts")
         assert contexts.groupby("neuron").size().eq(5).all()
         histogram = load_table(client, run.info.run_id, layer, "histogram")
@@ -103,4 +104,4 @@ def test_neuron_stats_end_to_end_through_mlflow(run_job):
         png = download_artifacts(run_id=run.info.run_id, artifact_path=figure_path(layer, "moments"),
                                  tracking_uri=client.tracking_uri)  # fmt: skip
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "skew/median" in run.data.tags["mlflow.note.content"]
+    assert "skew_median=" in run.data.tags["mlflow.note.content"]

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 from intraneuron.paths import CONF_DIR
-from intraneuron.reports.artifacts import load_table
+from intraneuron.reports.artifacts import load_summary, load_table
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: 32 neurons, few permutations. Layer 5 does not exist in the 3-layer model, so
@@ -82,8 +82,13 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
         assert tags["model"] == "tiny-gpt2" and tags["layer"] == str(layer)
         assert len(tags[f"cache_key.layer_{layer}"]) == 32
         metrics = child.data.metrics
-        assert metrics[f"layer_{layer}/neurons/n"] == 32
-        assert 0 <= metrics[f"layer_{layer}/bottomup/top_sig_frac"] <= 1
+        headline = [name for name in tags["intraneuron.headline"].split(",")]
+        assert {k for k in metrics if k.startswith(f"L{layer}/")} == {f"L{layer}/{n}" for n in headline}
+        assert not any(k.startswith("layer_") for k in metrics)  # the rest is in the summary table
+        summary = load_summary(client, child.info.run_id, layer)
+        assert summary["neurons/n"] == 32
+        assert 0 <= metrics[f"L{layer}/top_segment_homogeneous_frac"] <= 1
+        assert metrics[f"L{layer}/top_segment_homogeneous_frac"] == summary["bottomup/top_sig_frac_bh"]
         table = pd.read_parquet(download_artifacts(
             run_id=child.info.run_id, artifact_path=f"layer_{layer}/tables/neurons.parquet",
             tracking_uri=client.tracking_uri,
@@ -91,7 +96,7 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
         assert table["neuron"].tolist() == list(range(32))
         assert (table["layer"] == layer).all() and table["n_core"].between(10, 30).all()
         analysed = table[table["skipped"] == ""]
-        assert len(analysed) == metrics[f"layer_{layer}/neurons/analysed"]
+        assert len(analysed) == metrics[f"L{layer}/neurons_analysed"]
         assert analysed["p_top"].between(0, 1).all()
 
     assert done.returncode == 1
@@ -120,7 +125,10 @@ def test_jobs_find_the_texts_and_wordnet_wherever_the_cache_is_and_whatever_the_
     wordnet = [r for r in runs if r.data.params.get("clustering.categories") == "wordnet"
                and r.info.status == "FINISHED"]  # fmt: skip
     assert len(wordnet) == 2
-    assert all(r.data.metrics[f"layer_{r.data.params['layer']}/categories/label_coverage_mean"] > 0 for r in wordnet)
+    client, _ = runs_of(cwd)
+    for run in wordnet:
+        summary = load_summary(client, run.info.run_id, int(run.data.params["layer"]))
+        assert summary["categories/label_coverage_mean"] > 0
     assert (cwd / "cache" / "profiles").is_dir()  # INTRANEURON_CACHE, not the project's .cache
     job_dirs = [Path(r.data.tags["hydra.output_dir"]) for r in runs if "hydra.output_dir" in r.data.tags]
     assert job_dirs and all(cwd in d.parents for d in job_dirs)
@@ -164,8 +172,8 @@ def test_every_experiment_preset_runs_on_the_tiny_model_in_one_multirun(tmp_path
     assert len(children) == len(EXPERIMENTS)
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["layer_0/neurons/analysed"] > 0
-        assert run.data.metrics["layer_1/neurons/analysed"] > 0
+        assert run.data.metrics["L0/neurons_analysed"] > 0
+        assert run.data.metrics["L1/neurons_analysed"] > 0
 
 
 @pytest.mark.slow
@@ -205,6 +213,6 @@ def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(run
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["embedding.source"] == "static"
-    assert run.data.metrics["layer_1/embedding/unembedded_frac"] == 0.0  # same vocabulary
+    assert load_summary(client, run.info.run_id, 1)["embedding/unembedded_frac"] == 0.0  # same vocabulary
     table = load_table(client, run.info.run_id, 1, "neurons")
     assert len(table) == 32 and (table["skipped"] == "").all()

@@ -19,10 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
-from intraneuron.reports.artifacts import layer_metric, load_table  # noqa: E402
+from intraneuron.reports.artifacts import load_summary, load_table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-COLUMNS = {  # layer metric -> column title
+COLUMNS = {  # layer aggregate (summary table) -> column title
     "neurons/analysed": "neurons",
     "core_tokens/n_mean": "core tokens",
     "topdown/n_categories/median": "K (median)",
@@ -70,9 +70,9 @@ def main() -> None:
     rows = []
     for run in children:
         for layer in layers:
-            metrics = run.data.metrics
+            metrics = load_summary(client, run.info.run_id, layer)
             rows.append({"job (rule / embedding)": job_label(run), "layer": layer}
-                        | {title: metrics.get(layer_metric(layer, key)) for key, title in COLUMNS.items()})  # fmt: skip
+                        | {title: metrics.get(key) for key, title in COLUMNS.items()})  # fmt: skip
     results = pd.DataFrame(rows)
     first = children[0].data.params
     header = (

@@ -50,8 +50,8 @@ class LayerResult:
     """What an analysis found in one layer."""
 
     tables: dict[str, pd.DataFrame]  # name -> table (layer_<l>/tables/<name>.parquet); empty ones are not logged
-    metrics: dict[str, float]  # flat, "<part>/<statistic>" (logged as layer_<l>/<key>)
-    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure
+    metrics: dict[str, float]  # flat, "<part>/<statistic>": every aggregate (the summary table)
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure (L<l>_<name>.png)
 
 
 @dataclass
@@ -82,7 +82,10 @@ class Analysis(ABC, BaseEstimator):
 
     name: ClassVar[str]  # the option name, conf/analysis/<name>.yaml
     groups: ClassVar[Mapping[str, type]] = {}  # config group -> its schema (a dataclass with validate())
-    headline: ClassVar[tuple[str, ...]] = ()  # layer metrics printed at the end and put in the run description
+    # readable name -> key of LayerResult.metrics: the about ten layer metrics logged as MLflow
+    # metrics (L<l>/<name>), printed at the end and put in the run description; the rest of the
+    # metrics go to the layer's summary table
+    headline: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def requirements(self, run: RunConfig) -> Requirements:

@@ -3,6 +3,11 @@
 Writers (the runner, the tracking lifecycle) and readers (tests, studies, reports) both go through
 these names, so a table moved or renamed is moved in one place. Kept free of heavy imports: the
 tracking layer imports it at start-up.
+
+Per layer, a run logs as MLflow metrics only its analysis's headline metrics (`L<l>/<name>`, about
+ten, named to be read without the README), so the runs table and Compare show what matters; every
+other layer aggregate goes to the layer's `summary` table. Figures sit at the artifact root
+(`L<l>_<name>.png`), where MLflow's Compare view shows them side by side across runs.
 """
 
 from __future__ import annotations
@@ -10,16 +15,18 @@ from __future__ import annotations
 COMPOSED_CONFIG = "config/composed.yaml"  # the resolved config of the job
 OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
 ERROR_TEXT = "error.txt"  # full traceback of a failed job
+SUMMARY_TABLE = "summary"  # per layer: every aggregate metric of the analysis (metric, value)
+HEADLINE_TAG = "intraneuron.headline"  # the analysis's headline metric names, comma-separated
 
 
 def layer_prefix(layer: int | str) -> str:
-    """Prefix of every metric key and artifact of one layer: "layer_3/" ("layer_<l>/" for "<l>")."""
+    """Folder of a layer's artifacts: "layer_3/" ("layer_<l>/" for "<l>")."""
     return f"layer_{layer}/"
 
 
-def layer_metric(layer: int, name: str) -> str:
-    """MLflow key of a layer metric, e.g. layer_metric(0, "bottomup/top_sig_frac") -> "layer_0/bottomup/top_sig_frac"."""
-    return layer_prefix(layer) + name
+def layer_metric(layer: int | str, name: str) -> str:
+    """MLflow key of a layer's headline metric: layer_metric(0, "differentiated_frac") -> "L0/differentiated_frac"."""
+    return f"L{layer}/{name}"
 
 
 def table_path(layer: int | str, name: str) -> str:
@@ -27,20 +34,30 @@ def table_path(layer: int | str, name: str) -> str:
     return f"{layer_prefix(layer)}tables/{name}.parquet"
 
 
-def figure_path(layer: int, name: str) -> str:
-    """Artifact path of a layer's figure: "layer_<l>/figures/<name>.png"."""
-    return f"{layer_prefix(layer)}figures/{name}.png"
+def figure_path(layer: int | str, name: str) -> str:
+    """Artifact path of a layer's figure, at the root: "L<l>_<name>.png"."""
+    return f"L{layer}_{name}.png"
 
 
-def log_layer_result(tracker, layer: int, result) -> None:
-    """Write one layer's LayerResult: metrics under "layer_<l>/", non-empty tables as Parquet,
-    figures as PNG. `tracker` is a tracking.RunLogger."""
-    tracker.log_metrics({layer_metric(layer, key): value for key, value in result.metrics.items()})
-    for name, table in result.tables.items():
+def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> dict[str, float]:
+    """Write one layer's LayerResult and return its headline metrics (readable name -> value).
+
+    `headline` maps each readable name to its key in `result.metrics`; those are logged as MLflow
+    metrics, all of `result.metrics` goes to the summary table, non-empty tables as Parquet and
+    figures as PNG at the root. `tracker` is a tracking.RunLogger.
+    """
+    import pandas as pd
+
+    values = {name: float(result.metrics[key]) for name, key in headline.items() if key in result.metrics}
+    tracker.log_metrics({layer_metric(layer, name): value for name, value in values.items()})
+    summary = pd.DataFrame({"metric": list(result.metrics), "value": [float(v) for v in result.metrics.values()]})
+    tables = {**result.tables, SUMMARY_TABLE: summary}
+    for name, table in tables.items():
         if len(table):
             tracker.log_table(table, table_path(layer, name))
     for name, figure in result.figures.items():
         tracker.log_figure(figure, figure_path(layer, name))
+    return values
 
 
 def load_table(client, run_id: str, layer: int, name: str):
@@ -54,7 +71,13 @@ def load_table(client, run_id: str, layer: int, name: str):
     return pd.read_parquet(local)
 
 
+def load_summary(client, run_id: str, layer: int) -> dict[str, float]:
+    """Every aggregate metric of one layer of a run (the summary table), as a dict."""
+    table = load_table(client, run_id, layer, SUMMARY_TABLE)
+    return dict(zip(table["metric"], table["value"].astype(float), strict=True))
+
+
 def layer_metrics(run, layer: int) -> dict[str, float]:
-    """A layer's metrics of an MLflow Run, without the "layer_<l>/" prefix."""
-    prefix = layer_prefix(layer)
+    """A layer's headline metrics of an MLflow Run, without the "L<l>/" prefix."""
+    prefix = layer_metric(layer, "")
     return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}

@@ -37,7 +37,14 @@ class NeuronStatsAnalysis(Analysis):
 
     name = "neuron_stats"
     groups: ClassVar = {"neurons": NeuronsConfig}
-    headline = ("neurons/n", "skew/median", "kurtosis/median", "frac_positive/median")
+    headline = {
+        "neurons": "neurons/n",
+        "skew_median": "skew/median",
+        "kurtosis_median": "kurtosis/median",
+        "activation_frequency_median": "frac_positive/median",
+        "near_zero_frac_median": "frac_near_zero/median",
+        "std_median": "std/median",
+    }
 
     def __init__(self, n_contexts: int = 10, context_tokens: int = 12):
         self.n_contexts = n_contexts

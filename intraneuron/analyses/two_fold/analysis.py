@@ -39,14 +39,18 @@ class TwoFoldAnalysis(Analysis):
         "clustering": ClusteringConfig,
         "segmentation": SegmentationConfig,
     }
-    headline = (
-        "neurons/analysed",
-        "topdown/kruskal_sig_frac_bh",
-        "topdown/interleaving_mean/median",
-        "bottomup/top_sig_frac_bh",
-        "bottomup/h_top_minus_rest/median",
-        "homomorphism/ari/median",
-    )
+    headline = {
+        "neurons_analysed": "neurons/analysed",
+        "core_tokens_mean": "core_tokens/n_mean",
+        "differentiated_frac": "topdown/kruskal_sig_frac_bh",  # categories differ in activation (BH)
+        "differentiation_effect_median": "topdown/epsilon2/median",
+        "interleaving_median": "topdown/interleaving_mean/median",
+        "top_segment_homogeneous_frac": "bottomup/top_sig_frac_bh",  # top segment above its null (BH)
+        "top_segment_above_null_p": "bottomup/sign_test_p",  # the layer: top above its null median?
+        "top_minus_rest_homogeneity_median": "bottomup/h_top_minus_rest/median",
+        "category_segment_ari_median": "homomorphism/ari/median",
+        "activation_cosine_mantel_frac": "homomorphism/mantel_sig_frac_bh",
+    }
 
     def __init__(
         self,
