@@ -98,6 +98,8 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
         analysed = table[table["skipped"] == ""]
         assert len(analysed) == metrics[f"L{layer}/neurons_analysed"]
         assert analysed["p_top"].between(0, 1).all()
+        artifacts = {f.path for f in client.list_artifacts(child.info.run_id)}
+        assert {f"L{layer}_homogeneity_by_segment.png", f"L{layer}_neuron_distributions.png"} <= artifacts
 
     assert done.returncode == 1
     assert "ConfigError: layer=5 is not allowed" in done.stderr

@@ -118,6 +118,7 @@ class TwoFoldAnalysis(Analysis):
 
     def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
         from intraneuron.analyses.two_fold.aggregate import aggregate_layer
+        from intraneuron.analyses.two_fold.figures import layer_figures
         from intraneuron.analyses.two_fold.layer import analyse_layer
 
         started = time.perf_counter()
@@ -145,7 +146,7 @@ class TwoFoldAnalysis(Analysis):
         metrics["analysis_seconds"] = time.perf_counter() - started
         for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
-        return LayerResult(tables=tables, metrics=metrics)
+        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
 
 
 def _ratio(rows, numerator: str, denominator: str) -> float:

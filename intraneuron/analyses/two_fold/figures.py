@@ -126,6 +126,7 @@ def neuron_distributions(analysed: pd.DataFrame, layer: int, n_rows: int) -> Fig
     """Histograms over analysed neurons of the main per-neuron statistics, with their no-effect
     level marked; one panel per entry of DISTRIBUTIONS."""
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     values = {column: _finite(_column(analysed, column)) for column in DISTRIBUTIONS}
     if not any(v.size for v in values.values()):
@@ -139,6 +140,7 @@ def neuron_distributions(analysed: pd.DataFrame, layer: int, n_rows: int) -> Fig
         data[column] = v
         data[f"{column}.reference"] = np.array([reference])
         ax.set(xlabel=label, ylabel="neurons")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if not v.size:
             ax.set_title("n = 0", fontsize="medium")
             ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
@@ -157,6 +159,7 @@ def top_segment_p_values(analysed: pd.DataFrame, layer: int, alpha: float) -> Fi
     """Histograms of p_top and kruskal_p over neurons, with the count a uniform (null) layer would
     put in each bin."""
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     values = {column: _finite(_column(analysed, column)) for column in P_VALUES}
     if not any(v.size for v in values.values()):
@@ -172,6 +175,7 @@ def top_segment_p_values(analysed: pd.DataFrame, layer: int, alpha: float) -> Fi
             {column: v, f"{column}.counts": counts, f"{column}.uniform": np.array([uniform])}
         )
         ax.set(xlabel=label, ylabel="neurons", xlim=(0, 1))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if not v.size:
             ax.set_title("n = 0", fontsize="medium")
             ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
