@@ -5,6 +5,8 @@
     intraneuron --multirun layer=0,1 clustering=ward,kmeans
     intraneuron sweep=threshold_x_clustering_x_embedding
     intraneuron experiment=smoke
+    intraneuron compare <sweep parent run id | experiment>    # children x headline metrics
+    intraneuron show <run id> [--neuron N] [--layer L]         # a run's or a neuron's summary
 
 Each job is one MLflow run (a sweep nests its jobs under one parent run). A mistake in the config
 or a missing file ends the command with a one-line message naming the key and what is allowed.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import hydra
 from hydra.errors import CompactHydraException
@@ -51,7 +54,7 @@ def run_job(cfg: DictConfig):
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig):
+def hydra_main(cfg: DictConfig):
     from intraneuron.errors import ConfigError, MissingAssetError
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -76,6 +79,15 @@ def _report(summary, cfg: DictConfig) -> None:
         "Browse: mlflow ui --backend-store-uri %s",
         summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"), uri,
     )
+
+
+def main():
+    """`intraneuron compare|show ...` read results back (argparse); anything else is a Hydra job."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("compare", "show"):
+        from intraneuron.reports.commands import main as report_main
+
+        raise SystemExit(report_main(sys.argv[1:]))
+    return hydra_main()
 
 
 if __name__ == "__main__":

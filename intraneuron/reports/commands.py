@@ -1,0 +1,242 @@
+"""`intraneuron compare` and `intraneuron show`: read results back from MLflow in the terminal.
+
+    intraneuron compare <parent run id | experiment> [--tracking-uri URI] [--out DIR]
+    intraneuron show <run id> [--neuron N] [--layer L] [--tracking-uri URI]
+
+Plain argparse, not Hydra: these read a store, they configure no job. Every failure the user can
+fix (an unknown run, experiment, layer or neuron, a store that is not there) is one line on stderr
+and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+COMMANDS = ("compare", "show")
+PROG = "intraneuron"
+_NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
+_NOTE_PARAMS = ("analysis._target_", "model.name", "layer")
+
+
+class CommandError(Exception):
+    """A one-line reason to exit 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from intraneuron.reports.compare import NotFound
+
+    try:
+        with _quiet_downloads():
+            return args.handler(args)
+    except (CommandError, NotFound) as error:
+        print(f"{PROG} {args.command}: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Read results back from MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    uri_help = ("MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db; "
+                "a relative sqlite path is relative to the current directory)")  # fmt: skip
+
+    compare = commands.add_parser("compare", help="a sweep's child runs, or an experiment's runs, side by side")
+    compare.add_argument("target", help="a sweep's parent run id, or an experiment name (or id)")
+    compare.add_argument("--tracking-uri", help=uri_help)
+    compare.add_argument("--out", type=Path, help="folder for summary.csv, summary.html and figures "
+                         "(default: ./compare-<id or name>/)")  # fmt: skip
+    compare.set_defaults(handler=compare_command)
+
+    show = commands.add_parser("show", help="one run: what it ran and its headline metrics")
+    show.add_argument("run_id")
+    show.add_argument("--neuron", type=int, help="print this neuron's row of the neurons table")
+    show.add_argument("--layer", type=int, help="with --neuron: only this layer (default: every layer of the run)")
+    show.add_argument("--tracking-uri", help=uri_help)
+    show.set_defaults(handler=show_command)
+    return parser
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from intraneuron.reports.compare import (
+        NotFound,
+        experiment_table,
+        file_safe,
+        find_experiment,
+        get_run,
+        sweep_table,
+        write_summary,
+    )  # fmt: skip
+
+    client = _client(args.tracking_uri)
+    try:
+        run = get_run(client, args.target)
+    except NotFound:  # not a run: try it as an experiment
+        run = None
+    if run is not None:
+        table = sweep_table(client, args.target)
+        if table.empty:
+            raise CommandError(f"run {args.target} has no child runs (not a sweep's parent); "
+                               f"`{PROG} show {args.target}` prints it")  # fmt: skip
+        title = f"Sweep {run.info.run_name} ({args.target})"
+    else:
+        experiment = find_experiment(client, args.target)
+        if experiment is None:
+            raise NotFound(f"no run or experiment {args.target!r} in {client.tracking_uri}")
+        table = experiment_table(client, experiment.experiment_id)
+        if table.empty:
+            raise CommandError(f"experiment {experiment.name!r} has no runs with headline metrics")
+        title = f"Experiment {experiment.name}"
+    out = args.out if args.out is not None else Path(f"compare-{file_safe(args.target)}")
+    print(title)
+    print(terminal_table(table))
+    paths = write_summary(table, out, title)
+    print(f"\n{len(paths)} files in {out}/: summary.csv, summary.html, {len(paths) - 2} figures")
+    return 0
+
+
+def terminal_table(table, width: int | None = None) -> str:
+    """The table as text, run names as the index. Wider than the terminal: headline columns get
+    abbreviated names (with a legend) and pandas wraps the columns into blocks."""
+    from intraneuron.reports.compare import format_value, metric_columns
+
+    width = width or shutil.get_terminal_size((120, 24)).columns
+    shown = table.set_index("run_name")
+    shown.index.name = None
+
+    def render(frame, line_width):
+        return frame.to_string(float_format=format_value, na_rep="", line_width=line_width)
+
+    text = render(shown, None)
+    if max(map(len, text.splitlines()), default=0) <= width:
+        return text
+    names = {m: abbreviate(m) for m in metric_columns(table)}
+    if len(set(names.values())) < len(names):
+        names = {}
+    pairs = {short.partition("/")[2]: long.partition("/")[2] for long, short in names.items() if short != long}
+    legend = textwrap.fill(", ".join(f"{s} = {n}" for s, n in pairs.items()), width)
+    return render(shown.rename(columns=names), width) + (f"\n\n{legend}" if legend else "")
+
+
+def abbreviate(metric: str, letters: int = 4) -> str:
+    """L0/differentiation_effect_median -> L0/diff_effe_medi (each word cut to `letters`)."""
+    layer, _, name = metric.partition("/")
+    return f"{layer}/" + "_".join(word[:letters] for word in name.split("_"))
+
+
+def show_command(args: argparse.Namespace) -> int:
+    from intraneuron.reports.compare import format_value, get_run
+
+    client = _client(args.tracking_uri)
+    run = get_run(client, args.run_id)
+    tags, params = run.data.tags, run.data.params
+    if args.neuron is not None:
+        return _show_neuron(client, run, args.neuron, args.layer)
+    print(f"run: {run.info.run_name} ({run.info.run_id})")
+    print(f"status: {run.info.status}")
+    description = tags.get("mlflow.note.content", "").strip()
+    if description:
+        print("description: " + description.replace("\n", "\n  "))
+    for key in _NOTE_PARAMS:
+        if key in params:
+            print(f"{key}: {params[key]}")
+    for key in _NOTE_TAGS:
+        if key in tags and key not in params:
+            print(f"{key}: {tags[key]}")
+    for layer in _layers(run):
+        prefix = f"L{layer}/"
+        metrics = {k.removeprefix(prefix): v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        if metrics:
+            print(f"layer {layer}:")
+            for name in _headline_order(run, metrics):
+                print(f"  {name}: {format_value(float(metrics[name]))}")
+    return 0
+
+
+def _show_neuron(client, run, neuron: int, layer: int | None) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from intraneuron.reports.artifacts import load_table
+
+    layers = _layers(run)
+    if layer is not None and layer not in layers:
+        raise CommandError(f"run {run.info.run_id} has no layer {layer} (its layers: {_listed(layers)})")
+    found = False
+    for l in [layer] if layer is not None else layers:
+        try:
+            table = load_table(client, run.info.run_id, l, "neurons")
+        except MlflowException:
+            continue  # a FAILED run, or an analysis without a neurons table
+        rows = table[table["neuron"] == neuron] if "neuron" in table else table.iloc[0:0]
+        for _, row in rows.iterrows():
+            if found:
+                print()
+            found = True
+            for key, value in row.items():
+                print(f"{key}: {_full(value)}")
+    if not found:
+        where = f"layer {layer}" if layer is not None else f"layers {_listed(layers)}"
+        raise CommandError(f"neuron {neuron} is not in the neurons table of run {run.info.run_id}, {where}")
+    return 0
+
+
+def _client(uri: str | None):
+    """An MlflowClient of the store, refusing to create an empty sqlite file by a typo."""
+    from mlflow import MlflowClient
+
+    from intraneuron.errors import ConfigError
+    from intraneuron.tracking.store import TrackingConfig, resolve
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig.tracking_uri
+    try:
+        resolved = resolve(TrackingConfig(tracking_uri=uri), Path.cwd())
+    except ConfigError as error:
+        raise CommandError(str(error)) from None
+    if resolved.sqlite_file is not None and not resolved.sqlite_file.is_file():
+        raise CommandError(f"no MLflow store at {resolved.sqlite_file} (give --tracking-uri)")
+    return MlflowClient(resolved.tracking_uri)
+
+
+def _layers(run) -> list[int]:
+    from_metrics = {int(m.group(1)) for k in run.data.metrics if (m := re.match(r"L(\d+)/", k))}
+    from_tag = {int(t) for t in re.findall(r"\d+", run.data.tags.get("layer", ""))}
+    return sorted(from_metrics | from_tag)
+
+
+def _headline_order(run, metrics: dict) -> list[str]:
+    from intraneuron.reports.artifacts import HEADLINE_TAG
+
+    order = [n for n in run.data.tags.get(HEADLINE_TAG, "").split(",") if n in metrics]
+    return order + sorted(set(metrics) - set(order))
+
+
+def _full(value) -> str:
+    """A neuron-table cell: numbers to 6 significant digits (the table has them in full)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _listed(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) or "none"
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No artifact-download progress bars between the printed lines."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

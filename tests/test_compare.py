@@ -1,0 +1,205 @@
+"""Comparing runs: the table of a real two-job sweep (launched through the CLI), its summary files
+and figures, the summary logged to the parent run, and the `compare` / `show` commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from intraneuron.reports import commands
+from intraneuron.reports.compare import (
+    MAX_FIGURES,
+    NotFound,
+    experiment_table,
+    metric_columns,
+    summarise_sweep,
+    sweep_figures,
+    sweep_table,
+    write_summary,
+)
+from tests.test_runner import launch, runs_of
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """(cwd, client, parent run, children by job number) of one ward-vs-kmeans sweep on layer 0."""
+    cwd = tmp_path_factory.mktemp("compare_sweep")
+    done = launch(cwd, "--multirun", "clustering=ward,kmeans", "layer=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, runs = runs_of(cwd)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["hydra.job_num"]))
+    return cwd, client, parent, children
+
+
+def uri_of(cwd) -> str:
+    return f"sqlite:///{cwd}/store/mlflow.db"
+
+
+def test_the_sweep_table_has_a_row_per_child_the_swept_params_and_the_children_s_metrics(sweep):
+    _, client, parent, children = sweep
+    table = sweep_table(client, parent.info.run_id)
+    assert table["run_id"].tolist() == [c.info.run_id for c in children]
+    assert table["run_name"].tolist() == [c.info.run_name for c in children]
+    assert (table["status"] == "FINISHED").all()
+    assert table["clustering.estimator._target_"].tolist() == [
+        "sklearn.cluster.AgglomerativeClustering", "sklearn.cluster.KMeans"]  # fmt: skip
+    assert "layer" not in table and "model.name" not in table  # the same in both jobs
+    headline = children[0].data.tags["intraneuron.headline"].split(",")
+    assert metric_columns(table) == [f"L0/{name}" for name in headline]
+    for child in children:
+        values = table.set_index("run_id").loc[child.info.run_id, metric_columns(table)]
+        assert values.to_dict() == {k: v for k, v in child.data.metrics.items() if k.startswith("L0/")}
+
+
+def test_the_experiment_table_lists_every_run_with_headline_metrics_newest_first(sweep):
+    _, client, parent, children = sweep
+    table = experiment_table(client, "e2e")
+    assert sorted(table["run_id"]) == sorted(c.info.run_id for c in children)  # not the parent
+    starts = [client.get_run(i).info.start_time for i in table["run_id"]]
+    assert starts == sorted(starts, reverse=True)
+    assert experiment_table(client, parent.info.experiment_id)["run_id"].tolist() == table["run_id"].tolist()
+    with pytest.raises(NotFound):
+        experiment_table(client, "no-such-experiment")
+
+
+def test_the_summary_files_hold_the_table_and_figures_of_its_numbers(sweep, tmp_path):
+    _, client, parent, children = sweep
+    table = sweep_table(client, parent.info.run_id)
+    paths = write_summary(table, tmp_path, "ward vs kmeans")
+    assert [p.name for p in paths[:2]] == ["summary.csv", "summary.html"]
+    text_columns = {c: "str" for c in table.columns if c not in metric_columns(table)}
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "summary.csv", dtype=text_columns), table)
+
+    page = (tmp_path / "summary.html").read_text()
+    assert all(c.info.run_name in page for c in children)
+    assert "http://" not in page and "https://" not in page  # nothing fetched from the network
+
+    figures, left_out = sweep_figures(table)
+    # the clusterer's own options split the jobs exactly like its class: one axis, not four
+    assert {f.intraneuron_data["param"] for f in figures.values()} == {"clustering.estimator._target_"}
+    assert any("clustering.estimator.linkage" in item for item in left_out)
+    assert sorted(p.name for p in paths[2:]) == sorted(figures)
+    for path in paths[2:]:
+        assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5_000
+    for figure in figures.values():
+        data = figure.intraneuron_data
+        assert data["y"] == table[data["metric"]].tolist()
+        assert data["x"] == table[data["param"]].tolist() and not data["numeric"]
+        assert data["run_id"] == table["run_id"].tolist()
+
+
+def test_summarise_sweep_logs_the_summary_to_the_parent_run(sweep, tmp_path):
+    _, client, parent, _ = sweep
+    paths = summarise_sweep(client, parent.info.run_id, tmp_path / "summary")
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep_summary")}
+    assert {f"sweep_summary/{p.name}" for p in paths} == logged
+    assert "sweep_summary/summary.html" in logged and "sweep_summary/summary.csv" in logged
+
+
+def hand_made_table(n_params: int = 1) -> pd.DataFrame:
+    return pd.DataFrame({
+        "run_name": ["tau=0.5 <script>alert(1)</script>", "tau=0.7", "tau=0.9", "tau=bad"],
+        "run_id": ["a" * 32, "b" * 32, "c" * 32, "d" * 32],
+        "status": ["FINISHED", "FINISHED", "FINISHED", "FAILED"],
+        "core_tokens.tau": ["0.5", "0.7", "0.9", "0.9"],
+        **{f"p{i}": [str(i), "x", str(i), "y"] for i in range(n_params - 1)},
+        "L0/differentiated_frac": [0.123456, 0.5, 0.25, np.nan],
+        "L1/differentiated_frac": [1e-5, 2.0, 1234567.0, np.nan],
+    })  # fmt: skip
+
+
+def test_the_html_escapes_cell_text_and_gives_numbers_to_three_significant_digits(tmp_path):
+    write_summary(hand_made_table(), tmp_path, "tau <sweep>")
+    page = (tmp_path / "summary.html").read_text()
+    assert "<script>" not in page
+    assert "tau=0.5 &lt;script&gt;alert(1)&lt;/script&gt;" in page and "tau &lt;sweep&gt;" in page
+    assert ">0.123<" in page and ">1.23e+06<" in page and "0.123456" not in page
+
+
+def test_numeric_params_get_a_numeric_axis_and_failed_runs_no_point(tmp_path):
+    table = hand_made_table()
+    figures, _ = sweep_figures(table)
+    data = figures["L0_differentiated_frac_vs_core_tokens.tau.png"].intraneuron_data
+    assert data["numeric"] and data["x"] == [0.5, 0.7, 0.9] and data["y"] == [0.123456, 0.5, 0.25]
+    assert data["run_id"] == ["a" * 32, "b" * 32, "c" * 32]  # the FAILED run has no value
+
+
+def test_figures_are_capped_and_the_page_says_which_were_left_out(tmp_path):
+    n = MAX_FIGURES + 6
+    table = hand_made_table().iloc[:, :4].assign(**{f"L0/m{i}": [i, i + 1.0, i + 2.0, i] for i in range(n)})
+    figures, left_out = sweep_figures(table)
+    assert len(figures) == MAX_FIGURES
+    assert left_out == [f"L0/m{i} vs core_tokens.tau (over {MAX_FIGURES} figures)" for i in range(MAX_FIGURES, n)]
+    write_summary(table, tmp_path, "many")
+    page = (tmp_path / "summary.html").read_text()
+    assert f"L0/m{n - 1} vs core_tokens.tau (over {MAX_FIGURES} figures)" in page
+    assert len(list(tmp_path.glob("*.png"))) == MAX_FIGURES
+
+
+def test_compare_prints_every_child_and_writes_the_summary(sweep, tmp_path, capsys):
+    cwd, _, parent, children = sweep
+    out = tmp_path / "out"
+    assert commands.main(["compare", parent.info.run_id, "--tracking-uri", uri_of(cwd), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert all(c.info.run_name in printed for c in children)
+    assert (out / "summary.csv").is_file() and (out / "summary.html").is_file()
+    assert list(out.glob("*.png"))
+
+
+def test_compare_of_an_experiment_uses_the_environment_s_relative_store(sweep, tmp_path, monkeypatch, capsys):
+    cwd, _, _, children = sweep
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///store/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # the relative store is looked up here: there is none
+    assert commands.main(["compare", "e2e"]) == 1
+    assert "no MLflow store at" in capsys.readouterr().err
+    monkeypatch.chdir(cwd)
+    assert commands.main(["compare", "e2e", "--out", str(tmp_path / "e2e")]) == 0
+    printed = capsys.readouterr().out
+    assert all(c.info.run_name in printed for c in children)
+
+
+def test_show_prints_a_run_and_a_neuron_s_row(sweep, capsys):
+    cwd, _, _, children = sweep
+    child = children[0]
+    assert commands.main(["show", child.info.run_id, "--tracking-uri", uri_of(cwd)]) == 0
+    printed = capsys.readouterr().out
+    assert child.info.run_name in printed and "status: FINISHED" in printed
+    assert "model.name: tiny-gpt2" in printed and "layer 0:" in printed
+    value = child.data.metrics["L0/interleaving_median"]
+    assert f"  interleaving_median: {value:.3g}" in printed
+
+    argv = ["show", child.info.run_id, "--neuron", "3", "--layer", "0", "--tracking-uri", uri_of(cwd)]
+    assert commands.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "neuron: 3" in lines and "layer: 0" in lines
+    assert commands.main(argv[:4] + argv[6:]) == 0  # every layer of the run: only layer 0 here
+    assert capsys.readouterr().out.splitlines() == lines
+
+
+@pytest.mark.parametrize("argv", [
+    ["compare", "0123456789abcdef0123456789abcdef"],
+    ["compare", "no-such-experiment"],
+    ["show", "0123456789abcdef0123456789abcdef"],
+    ["show", "<child>", "--neuron", "999"],
+    ["show", "<child>", "--neuron", "3", "--layer", "2"],
+    ["compare", "<child>"],  # a run, but not a sweep's parent
+])  # fmt: skip
+def test_unknowns_exit_1_with_one_line(sweep, argv, capsys):
+    cwd, _, _, children = sweep
+    argv = [children[0].info.run_id if a == "<child>" else a for a in argv]
+    assert commands.main([*argv, "--tracking-uri", uri_of(cwd)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"intraneuron {argv[0]}: ")
+
+
+def test_very_wide_tables_abbreviate_the_headline_columns():
+    table = hand_made_table()
+    narrow = commands.terminal_table(table, width=60)
+    assert "L0/diff_frac" in narrow and "diff_frac = differentiated_frac" in narrow
+    wide = commands.terminal_table(table, width=400)
+    assert "L0/differentiated_frac" in wide
