@@ -62,6 +62,8 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
         "corpus.content_hash": windows.content_hash,
         **{f"cache_key.layer_{layer}": key for layer, key in keys.items()},
     })  # fmt: skip
+    tracker.log_corpus_input(rc.corpus.name, windows.content_hash, windows.path,
+                             n_tokens=windows.n_tokens, window_len=windows.window_len)  # fmt: skip
     tracker.log_metrics({"corpus/n_tokens": windows.n_tokens, "setup_seconds": time.perf_counter() - started})
 
     job = Job(run=rc, handle=handle, windows=windows)
@@ -69,7 +71,8 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
 
     started = time.perf_counter()
     cache = ProfileCache(paths.cache_dir())
-    profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats)
+    profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
+                                on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
     tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
 
     summary = JobSummary(tracker.run_id, {})

@@ -61,6 +61,8 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert parent.info.status == "FAILED"  # some jobs failed
     assert parent.data.metrics["sweep.jobs_total"] == len(children)
+    summary = {f.path for f in client.list_artifacts(parent.info.run_id, "sweep_summary")}
+    assert {"sweep_summary/summary.csv", "sweep_summary/summary.html"} <= summary
 
     for child in children:
         params, tags = child.data.params, child.data.tags
@@ -68,6 +70,7 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
         assert params["model.name"] == "tiny-gpt2" and params["core_tokens.n"] == "30"
         assert params["clustering.categories"] in {"clusterer", "wordnet"}
         assert f"layer={layer}" in tags["hydra.overrides"]
+        assert "progress" not in child.info.run_name  # named by what the sweep varies (a bool given to all is not)
         composed = yaml.safe_load(
             Path(download_artifacts(run_id=child.info.run_id, artifact_path="config/composed.yaml",
                                     tracking_uri=client.tracking_uri)).read_text()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,6 +24,10 @@ from intraneuron.extraction.profile import ActivationProfile
 from intraneuron.extraction.stats import CombinedStat, resolve_stats, stat_key_fields
 
 log = logging.getLogger(__name__)
+
+PROGRESS_CALLBACK_SECONDS = 5.0  # least time between two `on_progress` calls during a pass
+
+ProgressCallback = Callable[[int, int], None]  # (tokens_done, tokens_total)
 
 
 def progress_interval() -> float:
@@ -51,11 +56,16 @@ def extract_profiles(
     settings: ExtractionConfig,
     cache: ProfileCache | None,
     stats: Iterable[str] | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> dict[int, ActivationProfile]:
     """Profiles for `layers`, from the cache where possible, else from one shared forward pass.
 
     `stats` is a spec of names from STAT_NAMES; None keeps every stat the settings allow (all five,
     or all but "input_token_types" when `settings.input_site` is None).
+
+    `on_progress(tokens_done, tokens_total)`, if given, is called during the forward pass at most
+    once every PROGRESS_CALLBACK_SECONDS, and once at the end with tokens_done == tokens_total
+    (also when every layer came from the cache), so a tracker can plot how far a long pass is.
     """
     settings.validate()
     spec = resolve_stats(stats, settings)
@@ -70,15 +80,20 @@ def extract_profiles(
             profiles[layer] = hit
     missing = [l for l in layers if l not in profiles]
     if missing:
-        computed = _run_pass(handle, windows, missing, settings, spec)
+        computed = _run_pass(handle, windows, missing, settings, spec, on_progress)
         for layer, profile in computed.items():
             if cache is not None:
                 cache.save(keys[layer], profile, fields[layer])
             profiles[layer] = profile
+    if on_progress is not None:
+        total = int(windows.ids.shape[0]) * (windows.window_len - settings.skip_first_positions)
+        on_progress(total, total)
     return {l: profiles[l] for l in layers}
 
 
-def _run_pass(handle, windows, layers, settings: ExtractionConfig, spec) -> dict[int, ActivationProfile]:
+def _run_pass(
+    handle, windows, layers, settings: ExtractionConfig, spec, on_progress: ProgressCallback | None = None
+) -> dict[int, ActivationProfile]:
     device = torch.device(settings.device)
     T, skip = windows.window_len, settings.skip_first_positions
     if skip >= T:
@@ -105,6 +120,8 @@ def _run_pass(handle, windows, layers, settings: ExtractionConfig, spec) -> dict
         desc=f"extract layers {layers}", mininterval=progress_interval(),
     )
     sites = list(neuron_sites.values()) + list(input_sites.values())
+    tokens_total, tokens_done = n_windows * kept_per_window, 0
+    last_report = time.monotonic()
     with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
         for start in range(0, n_windows, settings.batch_size):
             batch = torch.from_numpy(np.asarray(ids[start : start + settings.batch_size], dtype=np.int64))
@@ -123,6 +140,12 @@ def _run_pass(handle, windows, layers, settings: ExtractionConfig, spec) -> dict
                 )  # [N, d_model]
                 reducers[layer].add(acts, resid, token_ids, positions)
             bar.update(token_ids.numel())
+            tokens_done += token_ids.numel()
+            if on_progress is not None and tokens_done < tokens_total:
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_CALLBACK_SECONDS:
+                    on_progress(tokens_done, tokens_total)
+                    last_report = now
     bar.close()
 
     flat_ids = np.asarray(ids).reshape(-1)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from intraneuron.tracking.run import TaskFailed, git_commit, tracked_run, tracked_task
     from intraneuron.tracking.store import TrackingConfig, open_experiment
     from intraneuron.tracking.sweep_callback import MlflowSweepCallback
+    from intraneuron.tracking.ui import experiment_url, run_url
 
 __all__ = [
     "MlflowSweepCallback",
@@ -23,11 +24,13 @@ __all__ = [
     "TaskFailed",
     "TrackingConfig",
     "current_hydra_job",
+    "experiment_url",
     "flatten",
     "git_commit",
     "mlflow_params",
     "mlflow_tags",
     "open_experiment",
+    "run_url",
     "tracked_run",
     "tracked_task",
 ]
@@ -37,11 +40,13 @@ _SOURCES = {  # name -> the submodule that defines it
     "TaskFailed": "run",
     "TrackingConfig": "store",
     "current_hydra_job": "hydra_job",
+    "experiment_url": "ui",
     "flatten": "params",
     "git_commit": "run",
     "mlflow_params": "params",
     "mlflow_tags": "params",
     "open_experiment": "store",
+    "run_url": "ui",
     "tracked_run": "run",
     "tracked_task": "run",
 }

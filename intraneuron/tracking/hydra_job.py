@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id"  # in the sweep folder, written by MlflowSweepCallback
+RUN_INFO_FILE = "mlflow_run.json"  # in each job's output folder, written by tracked_run
 
 
 def launch_dir() -> Path:
@@ -80,7 +81,7 @@ def current_hydra_job() -> HydraJob | None:
         job_num=int(hc.job.num) if multirun else None,
         name=str(hc.job.name),
         overrides=overrides,
-        swept_overrides=[o for o in overrides if o.replace("\\", "") not in shared],
+        swept_overrides=[o for o in overrides if _canonical(o) not in shared],
         output_dir=str(hc.runtime.output_dir),
         choices=choices,
     )
@@ -94,5 +95,13 @@ def sweep_wide_overrides(sweep_dir: Path) -> set[str]:
     if not saved.is_file():
         return set()
     task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task", default=None)
-    # Hydra escapes some characters in a job's overrides ("sqlite\\:///") but not in the saved sweep's
-    return {str(o).replace("\\", "") for o in task} if task is not None else set()
+    return {_canonical(str(o)) for o in task} if task is not None else set()
+
+
+def _canonical(override: str) -> str:
+    """One spelling of an override for comparing a job's with the sweep's: Hydra escapes some
+    characters in a job's overrides ("sqlite\\:///") but not in the saved sweep's, and gives a job
+    `key=False` where the sweep saved `key=false`."""
+    override = override.replace("\\", "")
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{value.lower()}" if value in ("True", "False") else override

@@ -12,22 +12,39 @@ Design choices (why):
   (e.g. a correlation with a constant series) where a missing key would say "not computed".
   SQL stores clamp +-inf to +-1.797e308.
 - Tables are Parquet artifacts, not ``mlflow.log_table``, which breaks after about 100 tables per run.
+- The corpus is a dataset input made of metadata alone (name, digest, source, schema, profile):
+  MLflow's Dataset classes would hash or profile the data itself, and the token windows already
+  carry a content hash.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.time import get_current_time_millis
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from mlflow.utils.validation import (
+    MAX_DATASET_DIGEST_SIZE,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+)
 
 from intraneuron.reports.artifacts import layer_prefix
 from intraneuron.tracking.params import mlflow_params, mlflow_tags
+from intraneuron.tracking.ui import run_url
+
+log = logging.getLogger(__name__)
+
+CORPUS_CONTEXT = "extraction"  # what the corpus is used for, shown next to the dataset in the UI
+DIGEST_LENGTH = 16  # hex characters of the content hash kept as the dataset digest (MLflow allows 36)
 
 
 class RunLogger:
@@ -98,7 +115,90 @@ class RunLogger:
         folder = self.prefix + artifact_dir if artifact_dir else (self.prefix.rstrip("/") or None)
         self.client.log_artifact(self.run_id, str(local_path), artifact_path=folder)
 
+    def log_corpus_input(
+        self,
+        name: str,
+        digest: str,
+        source: str | Path,
+        n_tokens: int,
+        window_len: int,
+        *,
+        context: str = CORPUS_CONTEXT,
+    ) -> None:
+        """Record the corpus as the run's dataset input (the UI's Datasets column and run page).
+
+        `digest` is the token windows' content hash: MLflow keeps one dataset per (name, digest) in
+        an experiment, so runs on the same windows share one entry and can be filtered by it. Its
+        first DIGEST_LENGTH characters are the dataset's digest; the whole hash is in the profile.
+        `source` is where the windows are (a local path or an http(s) URL). The layer prefix
+        does not apply: a dataset belongs to the whole run.
+        """
+        if not digest:
+            raise ValueError("log_corpus_input: digest must be a non-empty content hash")
+        n_tokens, window_len = int(n_tokens), int(window_len)
+        dataset = Dataset(
+            name=str(name),
+            digest=str(digest)[: min(DIGEST_LENGTH, MAX_DATASET_DIGEST_SIZE)],
+            source_type=_source_type(source),
+            source=_source_json(source),
+            schema=_token_schema(window_len),
+            profile=json.dumps({
+                "num_tokens": n_tokens,
+                "num_windows": n_tokens // window_len if window_len else 0,
+                "window_len": window_len,
+                "content_hash": str(digest),
+            }),
+        )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] if context else []
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def progress_callback(self, key: str = "extraction/progress") -> Callable[[int, int], None]:
+        """A callable `(done, total)` that logs `key` = done / total at step `done`, for
+        `extract_profiles(..., on_progress=...)`. A failed write is a warning: losing a progress
+        point must not end a long pass."""
+
+        def report(done: int, total: int) -> None:
+            fraction = done / total if total else 1.0
+            try:
+                self.log_metrics({key: fraction}, step=int(done))
+            except Exception:
+                log.warning("could not log %s%s to run %s", self.prefix, key, self.run_id, exc_info=True)
+
+        return report
+
+    def ui_url(self) -> str:
+        """The run's page in MLflow's UI, on the model-training side (see `ui.py`)."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return run_url(self.client.tracking_uri, experiment_id, self.run_id)
+
     def _split(self, artifact_path: str) -> tuple[str | None, str]:
         full = self.prefix + artifact_path.lstrip("/")
         folder, _, name = full.rpartition("/")
         return (folder or None), name
+
+
+def _is_url(source: str | Path) -> bool:
+    return not isinstance(source, Path) and urlparse(str(source)).scheme in ("http", "https")
+
+
+def _source_type(source: str | Path) -> str:
+    return "http" if _is_url(source) else "local"
+
+
+def _source_json(source: str | Path) -> str:
+    """The source as MLflow's HTTPDatasetSource / LocalArtifactDatasetSource serialise it, which
+    its UI reads back to show the URL or the path."""
+    if _is_url(source):
+        return json.dumps({"url": str(source)})
+    return json.dumps({"uri": str(source)})
+
+
+def _token_schema(window_len: int) -> str:
+    """The windows as MLflow's tensor schema, the way NumpyDataset logs it: uint32 token ids, one
+    row of `window_len` per window (the UI shows it as an array dataset)."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    features = Schema([TensorSpec(np.dtype(np.uint32), (-1, window_len), "token_ids")])
+    return json.dumps(TensorDatasetSchema(features=features, targets=None).to_dict())

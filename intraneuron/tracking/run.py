@@ -7,6 +7,7 @@ location fails in one line and leaves no run stuck RUNNING.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import pickle
@@ -17,19 +18,29 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.reports.artifacts import COMPOSED_CONFIG, ERROR_TEXT, OVERRIDES
-from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, current_hydra_job, launch_dir
+from intraneuron.tracking.hydra_job import (
+    PARENT_RUN_ID_FILE,
+    RUN_INFO_FILE,
+    HydraJob,
+    current_hydra_job,
+    launch_dir,
+)
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags, truncate
 
 # Callers that predate the split import these from here.
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve  # noqa: F401
+from intraneuron.tracking.ui import run_url, ui_base
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +77,21 @@ def source_tags() -> dict[str, str]:
 
 
 def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> None:
-    """Tag `error` (short) and the ERROR_TEXT artifact (full traceback); never raises over the real error."""
+    """Tag `error` (short), put it first in the run's description, and the ERROR_TEXT artifact (full
+    traceback); never raises over the real error.
+
+    The description (`mlflow.note.content`) is what the run page and the runs table's Description
+    column (offered under "Columns") show, so a failed run says why without opening its artifacts.
+    """
     try:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        client.set_tag(run_id, "error", truncate(message, ERROR_TAG_LENGTH))
+        message = truncate(message, ERROR_TAG_LENGTH)
+        previous = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+        note = f"{message}\n\n{previous}" if previous and not previous.startswith(message) else message
+        client.log_batch(
+            run_id,
+            tags=[RunTag("error", message), RunTag(MLFLOW_RUN_NOTE, truncate(note, MAX_TAG_VAL_LENGTH))],
+        )
         client.log_text(run_id, "".join(traceback.format_exception(exc)), ERROR_TEXT)
     except Exception:  # the store itself may be the failure; keep the job's own exception visible
         log.warning("could not record the failure of run %s in MLflow", run_id, exc_info=True)
@@ -86,6 +108,76 @@ def _yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def start_system_metrics(tcfg: TrackingConfig, tracking_uri: str, run_id: str) -> Any | None:
+    """MLflow's own sampler of CPU, memory, disk, network (and NVIDIA GPU with `nvidia-ml-py`) into
+    `system/...` metrics of `run_id`, or None when turned off or when it cannot start.
+
+    SystemMetricsMonitor takes the run id and the tracking URI explicitly, so it needs no active
+    fluent run. It logs a sample every `tcfg.system_metrics_interval` seconds (the environment
+    variable MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL wins when set) and stops by itself when the
+    run is no longer RUNNING; `stop_system_metrics` stops it at once.
+    """
+    if not tcfg.system_metrics:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        quiet = logging.getLogger("mlflow.system_metrics")
+        if quiet.level == logging.NOTSET:  # its start/stop/no-GPU notices would print in every job
+            quiet.setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(
+            run_id, sampling_interval=float(tcfg.system_metrics_interval), tracking_uri=tracking_uri
+        )
+        monitor.start()
+    except Exception:  # a missing sensor or library costs the metrics, not the job
+        log.warning("system metrics of run %s are not recorded", run_id, exc_info=True)
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor: Any | None) -> None:
+    """Stop the sampler and flush the samples it has aggregated but not yet written; never raises.
+
+    Samples taken since the last full interval are dropped by MLflow's loop, so a job shorter than
+    one interval has no system metrics.
+    """
+    if monitor is None:
+        return
+    try:
+        monitor.finish()
+    except Exception:
+        log.warning("could not stop the system metrics sampler", exc_info=True)
+
+
+def write_run_info(
+    job: HydraJob, client: MlflowClient, experiment_id: str, experiment: str, run_id: str, run_name: str,
+    parent_run_id: str | None,
+) -> Path | None:
+    """`<hydra output dir>/mlflow_run.json`: the run a researcher looking at `outputs/<date>/<time>/`
+    is after, with the store to open it in. A file that cannot be written costs a warning only."""
+    uri = client.tracking_uri
+    server = urlparse(uri).scheme in ("http", "https")
+    info = {
+        "run_id": run_id,
+        "run_name": run_name,
+        "experiment_id": experiment_id,
+        "experiment": experiment,
+        "tracking_uri": ui_base(uri) if server else uri,  # a server's address without credentials
+        "parent_run_id": parent_run_id,
+        "ui_url": run_url(uri, experiment_id, run_id),
+    }
+    if not server:
+        info["ui_command"] = f"mlflow ui --backend-store-uri {uri}"
+    path = Path(job.output_dir) / RUN_INFO_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(info, indent=2) + "\n")
+    except OSError:
+        log.warning("could not write %s", path, exc_info=True)
+        return None
+    return path
+
+
 @contextmanager
 def tracked_run(
     tcfg: TrackingConfig,
@@ -99,13 +191,16 @@ def tracked_run(
     """Open a run, yield its RunLogger, and end it FINISHED, FAILED (error logged) or KILLED (Ctrl-C).
 
     Inside a Hydra multirun the run is a child of the sweep's parent run (id read from
-    `<sweep dir>/mlflow_parent_run_id`); elsewhere it is a top-level run. Relative paths in `tcfg`
-    resolve against the launch directory. Exceptions propagate.
+    `<sweep dir>/mlflow_parent_run_id`); elsewhere it is a top-level run. Inside any Hydra job the
+    run id is written to `<hydra.runtime.output_dir>/mlflow_run.json`. With `tcfg.system_metrics`
+    the machine is sampled into `system/...` metrics until the run ends, whatever its status.
+    Relative paths in `tcfg` resolve against the launch directory. Exceptions propagate.
     """
     job = current_hydra_job()
     client, experiment_id = open_experiment(tcfg, launch_dir())
 
     run_tags: dict[str, Any] = source_tags()
+    parent = None
     if job is not None:
         run_tags.update(job.tags())
         parent = job.parent_run_id() if job.multirun else None
@@ -120,7 +215,12 @@ def tracked_run(
 
     run_id = client.create_run(experiment_id, run_name=run_name, tags=mlflow_tags(run_tags)).info.run_id
     logger = RunLogger(client, run_id)
+    monitor = None
+    status, failure = RunStatus.to_string(RunStatus.FINISHED), None
     try:
+        if job is not None:
+            write_run_info(job, client, experiment_id, str(tcfg.experiment), run_id, run_name, parent)
+        monitor = start_system_metrics(tcfg, client.tracking_uri, run_id)
         logger.log_params(params or {})
         if config_dict is not None:
             logger.log_text(_yaml(dict(config_dict)), COMPOSED_CONFIG)
@@ -128,14 +228,17 @@ def tracked_run(
             logger.log_text(_yaml([str(o) for o in overrides]), OVERRIDES)
         yield logger
     except KeyboardInterrupt as exc:
-        record_failure(client, run_id, exc)
-        _end_run(client, run_id, RunStatus.to_string(RunStatus.KILLED))
+        status, failure = RunStatus.to_string(RunStatus.KILLED), exc
         raise
     except BaseException as exc:
-        record_failure(client, run_id, exc)
-        _end_run(client, run_id, RunStatus.to_string(RunStatus.FAILED))
+        status, failure = RunStatus.to_string(RunStatus.FAILED), exc
         raise
-    _end_run(client, run_id, RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        # the sampler's last samples go in while the run is still RUNNING
+        stop_system_metrics(monitor)
+        if failure is not None:
+            record_failure(client, run_id, failure)
+        _end_run(client, run_id, status)
 
 
 class TaskFailed(RuntimeError):

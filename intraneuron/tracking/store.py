@@ -31,6 +31,13 @@ _PROFILE_URIS = ("databricks", "databricks-uc")  # schemeless, yet not paths: ML
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
+# MLflow UIs without the GenAI / model-training switch file an experiment by this tag (a value of
+# their ExperimentKind enum) and, when it is missing, guess the kind and may open the traces page
+# instead of the runs table. UIs with the switch (MLflow 3.17's among them) follow the switch;
+# the links in `ui.py` set it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 
 @dataclass
 class TrackingConfig:
@@ -42,6 +49,8 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "intraneuron"
     artifact_root: str | None = None  # default: <dir of the sqlite db>/artifacts (absolute); server default otherwise
+    system_metrics: bool = True  # sample CPU, memory, disk, network (and NVIDIA GPU) into system/... metrics
+    system_metrics_interval: float = 10.0  # seconds between samples
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any], key: str = KEY) -> TrackingConfig:
@@ -93,6 +102,7 @@ def resolve(tcfg: TrackingConfig, base_dir: Path) -> ResolvedTracking:
         )
     if not str(tcfg.experiment).strip():
         raise ConfigError(f"{KEY}.experiment", tcfg.experiment, "a non-empty experiment name")
+    _check_sampling(tcfg)
 
     base_dir = Path(base_dir)
     db_file: Path | None = None
@@ -122,6 +132,14 @@ def resolve(tcfg: TrackingConfig, base_dir: Path) -> ResolvedTracking:
     if artifact_root is not None:
         location = f"{artifact_root.rstrip('/')}/{_safe_dir_name(str(tcfg.experiment))}"
     return ResolvedTracking(uri, str(tcfg.experiment), location, db_file, artifact_dir)
+
+
+def _check_sampling(tcfg: TrackingConfig) -> None:
+    if not isinstance(tcfg.system_metrics, bool):
+        raise ConfigError(f"{KEY}.system_metrics", tcfg.system_metrics, "true or false")
+    interval = tcfg.system_metrics_interval
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf"):
+        raise ConfigError(f"{KEY}.system_metrics_interval", interval, "a number of seconds > 0")
 
 
 def _safe_dir_name(name: str) -> str:
@@ -254,7 +272,8 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
     The location is checked first (`check_reachable`), so a bad one fails before any MLflow call
     and leaves no run behind. The first connection to a new sqlite file creates its tables
     (several seconds): a sweep does it once in its callback, before parallel jobs could race on
-    the migration.
+    the migration. The experiment is marked as classical ML (EXPERIMENT_KIND_TAG) unless it
+    already carries a kind, which is the user's to choose.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -266,7 +285,9 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
     if experiment is None:
         try:
             return client, client.create_experiment(
-                resolved.experiment, artifact_location=resolved.artifact_location
+                resolved.experiment,
+                artifact_location=resolved.artifact_location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except MlflowException as exc:  # another process created it between our two calls
             experiment = client.get_experiment_by_name(resolved.experiment)
@@ -278,4 +299,6 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
             f"an experiment that is not deleted (restore it with `mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}` or choose another name)",
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before this tag, or by someone else
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, experiment.experiment_id

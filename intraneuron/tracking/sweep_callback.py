@@ -20,7 +20,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
 from intraneuron.errors import ConfigError
@@ -98,7 +99,9 @@ class MlflowSweepCallback(Callback):
         for child in children:
             if child.info.status == _RUNNING:  # its process died without closing it (OOM, crash)
                 child.data.tags["error"] = _ORPHAN_ERROR
-                client.set_tag(child.info.run_id, "error", _ORPHAN_ERROR)
+                client.log_batch(
+                    child.info.run_id, tags=[RunTag("error", _ORPHAN_ERROR), RunTag(MLFLOW_RUN_NOTE, _ORPHAN_ERROR)]
+                )
                 client.set_terminated(child.info.run_id, status=_FAILED)
         statuses = [_FAILED if c.info.status == _RUNNING else c.info.status for c in children]
         counts = {s: statuses.count(s) for s in (_FINISHED, _FAILED, _KILLED)}
@@ -106,6 +109,7 @@ class MlflowSweepCallback(Callback):
             "sweep.jobs_total": len(children),
             **{f"sweep.jobs_{s.lower()}": n for s, n in counts.items()},
         })
+        _summarise(client, parent_id)  # here, not in on_multirun_end: a failed sweep needs it most
         if counts[_KILLED]:
             status = _KILLED
         elif counts[_FAILED] or not sweep_completed:
@@ -115,6 +119,19 @@ class MlflowSweepCallback(Callback):
         client.set_terminated(parent_id, status=status)
         if status != _FINISHED:
             _report(children, statuses, parent_id, sweep_completed)
+
+
+def _summarise(client: MlflowClient, parent_id: str) -> None:
+    """The sweep's comparison table and figures on the parent run; never fails the sweep."""
+    import tempfile
+
+    try:
+        from intraneuron.reports.compare import summarise_sweep
+
+        with tempfile.TemporaryDirectory() as out:
+            summarise_sweep(client, parent_id, out)
+    except Exception as error:
+        sys.stderr.write(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n")
 
 
 def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
