@@ -1,0 +1,298 @@
+"""A shared `mlflow server` over the store of a real two-job sweep: what its REST API serves.
+
+The sweep (ward vs kmeans on layer 0) is launched through the CLI into `store/mlflow.db`, with its
+artifacts under `store/artifacts/`; `mlflow server` is started on 127.0.0.1 on a free port over
+that store and stopped by its process id. Everything is read over plain HTTP (REST API 2.0 and the
+server's artifact download), the way the UI and remote clients see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from intraneuron.reports.artifacts import HEADLINE_TAG, figure_path, layer_metric
+from intraneuron.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from tests.test_runner import BASE, launch
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NOTE = "mlflow.note.content"
+PARENT = "mlflow.parentRunId"
+LAYER = 0
+FIGURES = ("homogeneity_by_segment", "neuron_distributions", "top_segment_p_values")
+START_TIMEOUT = 60.0  # seconds for the server to answer /health
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL, and for the processes to be gone
+
+# Requests go straight to 127.0.0.1, whatever proxy the environment names.
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group still exists (a zombie not yet reaped counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else (a reused id)
+        return True
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Server:
+    """`mlflow server` as a subprocess of this test, in its own process group (it spawns uvicorn)."""
+
+    def __init__(self, store: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        # no job runner: the server and its one worker are the only processes
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        artifacts = store / "artifacts"
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+            "--default-artifact-root", str(artifacts),
+            # Runs whose artifact location is a local path are listed and served from that path
+            # (not through the proxy); the proxy's destination is the same folder, so nothing is
+            # written to the working directory.
+            "--serve-artifacts", "--artifacts-destination", str(artifacts),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                command, cwd=store.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        self.pid = self.process.pid  # also the process group of the server and its workers
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with _HTTP.open(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"mlflow server not healthy within {timeout:.0f} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, SIGKILL if any of it is left after a timeout; returns once
+        the server is reaped and no process of its group is left (or the last timeout ran out)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self._gone():
+                return
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                pass
+            if self._wait_gone(STOP_TIMEOUT):
+                return
+
+    def _gone(self) -> bool:
+        return self.process.poll() is not None and not group_alive(self.pid)
+
+    def _wait_gone(self, timeout: float) -> bool:
+        # the workers are reaped by the server (or, if orphaned, by init)
+        deadline = time.monotonic() + timeout
+        while not self._gone():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    # ------------------------------------------------------------ REST API 2.0
+
+    def get(self, endpoint: str, **params: str) -> dict:
+        query = urllib.parse.urlencode(params)
+        with _HTTP.open(f"{self.url}/api/2.0/mlflow/{endpoint}?{query}", timeout=30) as response:
+            return json.load(response)
+
+    def post(self, endpoint: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"}, method="POST",
+        )  # fmt: skip
+        with _HTTP.open(request, timeout=30) as response:
+            return json.load(response)
+
+    def artifacts(self, run_id: str, path: str | None = None) -> dict[str, dict]:
+        """Artifact path -> entry (is_dir, file_size) of one folder of a run."""
+        params = {"run_id": run_id} if path is None else {"run_id": run_id, "path": path}
+        listing = self.get("artifacts/list", **params)
+        return {entry["path"]: entry for entry in listing.get("files", [])}
+
+    def download(self, run_id: str, path: str) -> bytes:
+        query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+        with _HTTP.open(f"{self.url}/get-artifact?{query}", timeout=30) as response:
+            return response.read()
+
+
+def pairs(entries: list[dict] | None) -> dict[str, str]:
+    """A REST list of {key, value} (tags, params) as a dict."""
+    return {entry["key"]: entry["value"] for entry in entries or []}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """The `store/` folder (mlflow.db, artifacts/) of one ward-vs-kmeans sweep on layer 0."""
+    cwd = tmp_path_factory.mktemp("server_sweep")
+    done = launch(cwd, "--multirun", "clustering=ward,kmeans", f"layer={LAYER}", base=BASE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (cwd / "store" / "mlflow.db").is_file() and (cwd / "store" / "artifacts").is_dir()
+    return cwd / "store"
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    server = Server(store, store.parent / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+    assert not pid_alive(server.pid) and not group_alive(server.pid), (
+        "mlflow server outlived its teardown"
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(server) -> tuple[dict, dict, list[dict]]:
+    """(experiment, parent run, child runs) as the REST API returns them."""
+    experiment = server.get("experiments/get-by-name", experiment_name="e2e")["experiment"]
+    found = server.post(
+        "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
+    )
+    runs = found.get("runs", [])
+    parents = [r for r in runs if PARENT not in pairs(r["data"].get("tags"))]
+    assert len(parents) == 1, [r["info"]["run_name"] for r in runs]
+    children = [r for r in runs if r is not parents[0]]
+    return experiment, parents[0], children
+
+
+def test_the_experiment_holds_the_parent_and_its_two_finished_children(sweep):
+    experiment, parent, children = sweep
+    assert experiment["name"] == "e2e" and experiment["lifecycle_stage"] == "active"
+    assert (
+        pairs(experiment.get("tags"))[EXPERIMENT_KIND_TAG]
+        == EXPERIMENT_KIND
+        == "custom_model_development"
+    )
+    parent_id = parent["info"]["run_id"]
+    assert len(children) == 2
+    assert {pairs(c["data"]["tags"])[PARENT] for c in children} == {parent_id}
+    assert [r["info"]["status"] for r in (parent, *children)] == ["FINISHED"] * 3
+    assert all(
+        r["info"]["experiment_id"] == experiment["experiment_id"] for r in (parent, *children)
+    )
+    assert sorted(pairs(c["data"]["params"])["clustering.estimator._target_"] for c in children) == [
+        "sklearn.cluster.AgglomerativeClustering", "sklearn.cluster.KMeans"]  # fmt: skip
+
+
+def test_the_parent_serves_the_sweep_summary(server, sweep):
+    _, parent, _ = sweep
+    summary = server.artifacts(parent["info"]["run_id"], "sweep_summary")
+    assert {"sweep_summary/summary.html", "sweep_summary/summary.csv"} <= set(summary)
+    figures = [p for p in summary if p.endswith(".png")]
+    assert figures and all(
+        p.startswith("sweep_summary/") and "/" not in p.removeprefix("sweep_summary/")
+        for p in figures
+    )
+    assert all(not summary[p]["is_dir"] and int(summary[p]["file_size"]) > 0 for p in summary)
+    assert "sweep_summary" in server.artifacts(parent["info"]["run_id"])
+
+
+def test_each_child_has_its_figures_at_the_artifact_root(server, sweep):
+    _, _, children = sweep
+    expected = {figure_path(LAYER, name) for name in FIGURES}
+    assert expected == {f"L{LAYER}_{name}.png" for name in FIGURES}
+    for child in children:
+        root = server.artifacts(child["info"]["run_id"])
+        assert expected <= set(root), sorted(root)
+        assert all(not root[p]["is_dir"] and int(root[p]["file_size"]) > 0 for p in expected)
+        assert root.get(f"layer_{LAYER}", {}).get("is_dir")  # the tables stay in the layer's folder
+
+
+def test_each_child_logs_exactly_its_declared_headline_metrics(sweep):
+    _, _, children = sweep
+    for child in children:
+        tags = pairs(child["data"]["tags"])
+        headline = tags[HEADLINE_TAG].split(",")
+        assert headline and all(headline)
+        keys = [m["key"] for m in child["data"].get("metrics", [])]
+        assert {k for k in keys if k.startswith(f"L{LAYER}/")} == {
+            layer_metric(LAYER, n) for n in headline
+        }
+        # the other layer aggregates are in the summary table, not metrics
+        assert not any(k.startswith("layer_") for k in keys)
+
+
+def test_each_child_describes_its_headline_metrics(sweep):
+    _, _, children = sweep
+    for child in children:
+        note = pairs(child["data"]["tags"])[NOTE]
+        assert f"layer {LAYER}:" in note and "differentiated_frac=" in note
+
+
+def test_a_figure_downloads_through_the_server(server, sweep):
+    _, _, children = sweep
+    child_id = children[0]["info"]["run_id"]
+    path = figure_path(LAYER, "neuron_distributions")
+    data = server.download(child_id, path)
+    assert data.startswith(PNG_MAGIC)
+    assert len(data) == int(server.artifacts(child_id)[path]["file_size"])
+
+
+def test_a_stopped_server_leaves_no_process_behind(store):
+    server = Server(store, store.parent / "server-stop.log")
+    try:
+        server.wait_ready()
+        workers = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
+        assert workers, "mlflow server answered /health without a worker process"
+    finally:
+        server.stop()
+    assert server.process.returncode is not None
+    assert not pid_alive(server.pid) and not group_alive(server.pid)
+    assert not [pid for pid in workers if pid_alive(pid)]
+    with pytest.raises(urllib.error.URLError):
+        _HTTP.open(f"{server.url}/health", timeout=2)
