@@ -176,3 +176,13 @@ def test_bad_estimators_raise_config_error_naming_the_key(estimator, key):
 def test_an_unknown_clusterer_option_lists_the_options():
     with pytest.raises(ConfigError, match="ward"):
         preset_factory("birch")
+
+
+def test_the_k_curve_holds_every_fitted_k_and_its_best_is_the_chosen_fit():
+    X, truth = planted()
+    factory, normalize = preset_factory("ward")
+    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize)
+    assert sorted(fit.silhouette_by_k) == list(range(2, 9))
+    best = max(fit.silhouette_by_k, key=fit.silhouette_by_k.get)
+    assert (best, fit.silhouette_by_k[best]) == (fit.k, fit.silhouette) == (4, fit.silhouette)
+    assert fit_categories(X, factory, n_categories=3, normalize=normalize).silhouette_by_k == {}

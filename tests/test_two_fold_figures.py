@@ -21,7 +21,7 @@ from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 ALPHA = 0.05
 LAYER = 3
 N_TOKENS, TOP, D = 100, 10, 32
-NAMES = {"homogeneity_by_segment", "neuron_distributions", "top_segment_p_values"}
+NAMES = {"homogeneity_by_segment", "neuron_distributions", "top_segment_p_values", "k_curve"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -202,3 +202,21 @@ def test_missing_tables_and_columns_drop_only_what_they_feed(planted_tables):
     assert figures["top_segment_p_values"].intraneuron_data["kruskal_p"].size == 0
     assert figures["top_segment_p_values"].intraneuron_data["p_top"].size == 12
     figures["neuron_distributions"].savefig(BytesIO(), format="png")
+
+
+def test_k_curve_data_is_the_silhouette_table_summarised_over_neurons(tables):
+    data = layer_figures(tables, LAYER, ALPHA)["k_curve"].intraneuron_data
+    by_k = tables["k_curve"].dropna().groupby("k")["silhouette"]
+    np.testing.assert_array_equal(data["k"], by_k.median().index.to_numpy())
+    np.testing.assert_allclose(data["median"], by_k.median().to_numpy())
+    np.testing.assert_allclose(data["q75"], by_k.quantile(0.75).to_numpy())
+    chosen = _analysed(tables)["n_categories"].to_numpy()
+    assert data["chosen_count"].sum() == np.sum(chosen >= 2)
+
+
+def test_k_curve_peaks_at_the_number_of_planted_vector_clusters(null_tables):
+    # every null neuron's core-token vectors form 4 tight clusters (its activations ignore them)
+    data = layer_figures(null_tables, LAYER, ALPHA)["k_curve"].intraneuron_data
+    assert data["k"][np.argmax(data["median"])] == 4
+    assert data["chosen_count"][list(data["chosen_k"]).index(4)] >= 0.9 * data["chosen_count"].sum()
+    assert (null_tables["k_curve"].groupby("neuron").size() == 7).all()  # K = 2..8 for each neuron

@@ -67,13 +67,16 @@ class CategoryFit:
 
     labels: [n_tokens] ints; -1 = no category (HDBSCAN noise, token outside a lexical source).
     k: number of distinct categories; silhouette: cosine silhouette of the labelled tokens (NaN
-    when undefined); skipped: why the neuron has no top-down analysis (None when it has one).
+    when undefined); skipped: why the neuron has no top-down analysis (None when it has one);
+    silhouette_by_k: the silhouette of every K that was fitted (NaN where it gave < 2 categories),
+    the curve the choice of K was read from.
     """
 
     labels: np.ndarray
     k: int
     silhouette: float
     skipped: str | None = None
+    silhouette_by_k: dict[int, float] = field(default_factory=dict)
 
 
 def clusterer_factory(target: str | type, **kwargs: Any) -> ClustererFactory:
@@ -194,9 +197,11 @@ def fit_categories(
     cuts = _tree_cuts(estimator, data, ks)
     best: CategoryFit | None = None
     degenerate: CategoryFit | None = None  # what the clusterer gave when no K reached 2 categories
+    curve: dict[int, float] = {}
     for k in ks:
         labels = cuts[k] if cuts is not None else make_clusterer(k).fit_predict(data)
         fit = _finish(np.asarray(labels), distances)
+        curve[k] = fit.silhouette
         if fit.skipped is not None:
             degenerate = degenerate or fit
         elif best is None or fit.silhouette > best.silhouette:
@@ -205,7 +210,7 @@ def fit_categories(
         if degenerate is None:
             return CategoryFit(np.full(n, -1), 0, np.nan, "no K in k_range fits these tokens")
         return replace(degenerate, skipped=f"no K in k_range gave 2 categories: {degenerate.skipped}")
-    return best
+    return replace(best, silhouette_by_k=curve)
 
 
 def categories_from_labels(

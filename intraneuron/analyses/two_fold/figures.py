@@ -35,8 +35,8 @@ P_BINS = 20
 
 def layer_figures(tables: dict[str, pd.DataFrame], layer: int, alpha: float) -> dict[str, Figure]:
     """Figures of one layer from the tables of `two_fold.layer.analyse_layer`, by name:
-    homogeneity_by_segment, neuron_distributions, top_segment_p_values. A figure whose data
-    is empty is left out."""
+    homogeneity_by_segment, neuron_distributions, top_segment_p_values, k_curve. A figure whose
+    data is empty is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,6 +47,7 @@ def layer_figures(tables: dict[str, pd.DataFrame], layer: int, alpha: float) -> 
         "homogeneity_by_segment": lambda: homogeneity_by_segment(tables.get("segments", empty), layer, alpha),
         "neuron_distributions": lambda: neuron_distributions(analysed, layer, len(neurons)),
         "top_segment_p_values": lambda: top_segment_p_values(analysed, layer, alpha),
+        "k_curve": lambda: k_curve(tables.get("k_curve", empty), analysed, layer),
     }  # fmt: skip
     figures = {}
     for name, make in makers.items():
@@ -189,6 +190,39 @@ def top_segment_p_values(analysed: pd.DataFrame, layer: int, alpha: float) -> Fi
     fig.suptitle(
         f"layer {layer}: {len(analysed)} analysed neurons, p-values (uniform if no effect)"
     )
+    return _finish(fig, data)
+
+
+def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure | None:
+    """The cosine silhouette of each K over the neurons whose K was chosen by silhouette (median
+    and interquartile band), beside how often each K was chosen: a flat curve means the categories
+    are weak whatever K, a peak that K is real."""
+    from matplotlib import pyplot as plt
+
+    s = _column(curves, "silhouette")
+    if not np.isfinite(s.to_numpy()).any():
+        return None
+    by_k = pd.DataFrame({"k": curves["k"], "silhouette": s}).dropna().groupby("k")["silhouette"]
+    ks = by_k.median().index.to_numpy()
+    chosen = _finite(_column(analysed, "n_categories"))
+    chosen = chosen[chosen >= 2]
+    data = {
+        "k": ks,
+        "median": by_k.median().to_numpy(),
+        "q25": by_k.quantile(0.25).to_numpy(),
+        "q75": by_k.quantile(0.75).to_numpy(),
+        "n_neurons": by_k.size().to_numpy(),
+        "chosen_k": np.array(sorted(set(chosen.astype(int)))),
+        "chosen_count": np.array([int(np.sum(chosen == k)) for k in sorted(set(chosen.astype(int)))]),
+    }
+    fig, (curve_ax, count_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    curve_ax.fill_between(ks, data["q25"], data["q75"], color="tab:blue", alpha=0.25, label="interquartile")
+    curve_ax.plot(ks, data["median"], marker="o", color="tab:blue", label="median over neurons")
+    curve_ax.set(xlabel="number of categories K", ylabel="cosine silhouette of the K clusters", xticks=ks)
+    curve_ax.legend(fontsize="small")
+    count_ax.bar(data["chosen_k"], data["chosen_count"], color="tab:gray")
+    count_ax.set(xlabel="K chosen (best silhouette)", ylabel="neurons", xticks=data["chosen_k"])
+    fig.suptitle(f"layer {layer}: K-curve over {int(data['n_neurons'].max())} neurons")
     return _finish(fig, data)
 
 

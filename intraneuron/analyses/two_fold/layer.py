@@ -21,7 +21,7 @@ from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 Embed = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # ids [n] -> (X [n, d], valid [n])
 Label = Callable[[np.ndarray], np.ndarray]  # ids [n] -> category labels [n] (-1 = uncovered)
 PREVIEW_TOKENS = 12  # core tokens shown per neuron in the table, highest first
-TABLES = ("neurons", "categories", "segments", "pairs")
+TABLES = ("neurons", "categories", "segments", "pairs", "k_curve")
 
 
 def _analyse_chunk(
@@ -69,7 +69,7 @@ def analyse_layer(
         if progress is not None:
             progress(len(done))
 
-    rows, categories, segments, pairs = [], [], [], []
+    rows, categories, segments, pairs, k_curves = [], [], [], [], []
     for core, _, labels, n_unembedded in prepared:
         result = results[core.neuron]
         preview = decode(core.token_ids[:PREVIEW_TOKENS]) if decode is not None else []
@@ -83,7 +83,7 @@ def analyse_layer(
             **result.row,
         })  # fmt: skip
         for table, out in ((result.categories, categories), (result.segments, segments),
-                           (result.pairs, pairs)):  # fmt: skip
+                           (result.pairs, pairs), (result.k_curve, k_curves)):  # fmt: skip
             if len(table):
                 out.append(table.assign(layer=layer, neuron=core.neuron))
     return {
@@ -91,6 +91,7 @@ def analyse_layer(
         "categories": _concat(categories),
         "segments": _concat(segments),
         "pairs": _concat(pairs),
+        "k_curve": _concat(k_curves),
     }
 
 

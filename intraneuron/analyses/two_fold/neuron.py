@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -60,12 +60,14 @@ CONFIG_KEYS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class NeuronResult:
-    """row: flat scalars (ROW_KEYS); categories / pairs: top-down tables; segments: bottom-up."""
+    """row: flat scalars (ROW_KEYS); categories / pairs: top-down tables; segments: bottom-up;
+    k_curve: (k, silhouette) of every K fitted when K was chosen by silhouette."""
 
     row: dict[str, float | str]
     categories: pd.DataFrame
     segments: pd.DataFrame
     pairs: pd.DataFrame
+    k_curve: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 class TwoFoldNeuron(BaseEstimator):
@@ -182,7 +184,8 @@ class TwoFoldNeuron(BaseEstimator):
             row["mantel_rho"] = mantel_activation_cosine(acts, C, 1, rng).rho
         unexpected = set(row) - set(ROW_KEYS)
         assert not unexpected, f"row keys missing from ROW_KEYS: {sorted(unexpected)}"
-        return NeuronResult(row, categories, bottom.segments, pairs)
+        k_curve = pd.DataFrame({"k": list(fit.silhouette_by_k), "silhouette": list(fit.silhouette_by_k.values())})
+        return NeuronResult(row, categories, bottom.segments, pairs, k_curve)
 
 
 def validate_alpha(alpha: float) -> None:
