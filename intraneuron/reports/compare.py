@@ -238,7 +238,8 @@ def _metric_figure(table: pd.DataFrame, metric: str, param: str) -> Figure:
         data = {"x": labels.tolist(), "categories": categories}
     ax.set_xlabel(param)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} by {param} ({len(rows)} of {len(table)} runs)", fontsize=10)
+    # axis labels name the metric and the parameter; a long title would only be cut off
+    ax.set_title(f"{len(rows)} of {len(table)} runs", fontsize=10)
     ax.grid(alpha=0.3)
     figure.intraneuron_data = {"metric": metric, "param": param, "numeric": numbers is not None,
                                "run_id": rows["run_id"].tolist(), "y": y.tolist(), **data}  # fmt: skip
