@@ -80,3 +80,15 @@ def run_job(job_cache, tmp_path, monkeypatch):
         return tracked_job(cfg), MlflowClient(uri)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A folder with a sqlite MLflow store at mlruns/mlflow.db, one per test module: creating its
+    tables takes seconds, so once. (Modules with their own kind of store define their own.)"""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("store")
+    (folder / "mlruns").mkdir()
+    MlflowClient(f"sqlite:///{folder}/mlruns/mlflow.db").search_experiments()
+    return folder

@@ -27,15 +27,6 @@ NOTE = "mlflow.note.content"
 CONTENT_HASH = "3f1c9a0be47d52c8a1e0f9b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """One sqlite store for the module: creating its tables takes seconds."""
-    folder = tmp_path_factory.mktemp("ui-store")
-    (folder / "mlruns").mkdir()
-    MlflowClient(f"sqlite:///{folder}/mlruns/mlflow.db").search_experiments()
-    return folder
-
-
 @pytest.fixture
 def client(store) -> MlflowClient:
     return MlflowClient(f"sqlite:///{store}/mlruns/mlflow.db")

@@ -88,15 +88,6 @@ def test_relative_sqlite_and_artifact_paths_become_absolute(tmp_path):
 # ---------------------------------------------------------------- one run, in-process
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """One sqlite store for the in-process tests: creating its tables takes seconds, so do it once."""
-    folder = tmp_path_factory.mktemp("store")
-    (folder / "mlruns").mkdir()
-    MlflowClient(f"sqlite:///{folder}/mlruns/mlflow.db").search_experiments()
-    return folder
-
-
 @pytest.fixture
 def tcfg(store, monkeypatch) -> TrackingConfig:
     monkeypatch.chdir(store)  # the relative sqlite path below resolves against the cwd
