@@ -16,10 +16,9 @@ from tqdm.auto import tqdm
 
 from intraneuron.analyses.base import Analysis, Job, LayerResult, Requirements
 from intraneuron.analyses.neurons import NeuronsConfig
-from intraneuron.analyses.two_fold.bottomup import validate_null
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
-from intraneuron.analyses.two_fold.neuron import CONFIG_KEYS, TwoFoldNeuron, validate_alpha
+from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
 from intraneuron.embeddings.config import EmbeddingConfig
 from intraneuron.errors import ConfigError
@@ -67,10 +66,9 @@ class TwoFoldAnalysis(Analysis):
         self.alpha = alpha
         self.seed = seed
         self.n_jobs = n_jobs
-        validate_null(homogeneity, n_permutations)
-        if n_mantel_permutations < 0:
-            raise ConfigError(CONFIG_KEYS["n_mantel_permutations"], n_mantel_permutations, "an integer >= 0")
-        validate_alpha(alpha)
+        # the per-neuron settings are checked where they are used, once, with their config keys
+        TwoFoldNeuron(homogeneity=homogeneity, n_permutations=n_permutations,
+                      n_mantel_permutations=n_mantel_permutations, alpha=alpha)  # fmt: skip
         if n_jobs == 0 or n_jobs < -1:
             raise ConfigError("analysis.n_jobs", n_jobs, "an integer >= 1, or -1 for all cores")
 
