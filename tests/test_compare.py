@@ -203,3 +203,14 @@ def test_very_wide_tables_abbreviate_the_headline_columns():
     assert "L0/diff_frac" in narrow and "diff_frac = differentiated_frac" in narrow
     wide = commands.terminal_table(table, width=400)
     assert "L0/differentiated_frac" in wide
+
+
+def test_a_metric_equal_in_every_run_gets_no_figure_and_is_named():
+    table = pd.DataFrame({
+        "run_name": ["a", "b", "c"], "run_id": ["1", "2", "3"], "status": ["FINISHED"] * 3,
+        "clustering": ["ward", "kmeans", "ward"], "L0/neurons_analysed": [48.0, 48.0, 48.0],
+        "L0/differentiated_frac": [0.1, 0.2, 0.3],
+    })  # fmt: skip
+    figures, left_out = sweep_figures(table)
+    assert [f.intraneuron_data["metric"] for f in figures.values()] == ["L0/differentiated_frac"]
+    assert any(line.startswith("L0/neurons_analysed (the same in every run") for line in left_out)

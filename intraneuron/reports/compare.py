@@ -103,6 +103,9 @@ def sweep_figures(table: pd.DataFrame, max_figures: int = MAX_FIGURES) -> tuple[
             if not table[metric].notna().any():
                 left_out.append(f"{metric} (no run has a value)")
                 break
+            if table[metric].dropna().nunique() == 1 and len(table) > 1:  # a flat line says nothing
+                left_out.append(f"{metric} (the same in every run: {format_value(table[metric].dropna().iloc[0])})")
+                break
             if len(figures) == max_figures:
                 left_out.append(f"{metric} vs {param} (over {max_figures} figures)")
                 continue
