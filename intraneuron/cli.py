@@ -84,7 +84,7 @@ def _report(summary, cfg: DictConfig) -> None:
 def main():
     """`intraneuron compare|show ...` read results back (argparse); anything else is a Hydra job."""
     if len(sys.argv) > 1 and sys.argv[1] in ("compare", "show"):
-        from intraneuron.reports.commands import main as report_main
+        from intraneuron.commands import main as report_main
 
         raise SystemExit(report_main(sys.argv[1:]))
     return hydra_main()

@@ -2,7 +2,7 @@
 
 Schemas live next to the code they configure (`models/config.py`, `corpus/config.py`,
 `extraction/config.py`, `tracking/store.py`, and the groups an analysis declares). `validate(cfg)`
-validates the run's own groups (`layer`, `model`, `corpus`, `extraction`, `tracking`), builds the
+validates the run's own groups (`layer`, `model`, `corpus`, `extraction`, `tracking`, `report`), builds the
 analysis named by `analysis._target_`, then validates only the groups that analysis declares.
 Merging onto a schema rejects unknown keys and values of the wrong type; each schema's `validate()`
 checks ranges. Every failure is a ConfigError naming the key, the value and what is allowed, and
@@ -27,6 +27,7 @@ from intraneuron.corpus.config import CorpusConfig
 from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.models.config import ModelConfig
+from intraneuron.reports.config import ReportConfig
 from intraneuron.tracking.store import TrackingConfig
 
 # The run's own groups: every analysis has them.
@@ -35,6 +36,7 @@ RUN_GROUPS: dict[str, type] = {
     "corpus": CorpusConfig,
     "extraction": ExtractionConfig,
     "tracking": TrackingConfig,
+    "report": ReportConfig,
 }
 
 
@@ -47,6 +49,7 @@ class RunConfig:
     corpus: CorpusConfig
     extraction: ExtractionConfig
     tracking: TrackingConfig
+    report: ReportConfig
     analysis: Any  # an analyses.base.Analysis
     groups: dict[str, Any] = field(default_factory=dict)  # the analysis's declared groups, typed
 
@@ -62,9 +65,10 @@ def validate(cfg: DictConfig) -> RunConfig:
     analysis = build_analysis(_group(tree, "analysis"))
     groups = {name: _typed(tree, name, schema) for name, schema in analysis.groups.items()}
     run = RunConfig(layers=layers, analysis=analysis, groups=groups, **run_groups)
-    for group in (run.model, run.corpus, run.extraction, *groups.values()):
+    for group in (run.model, run.corpus, run.extraction, run.report, *groups.values()):
         group.validate()
     _check_across(run)
+    run.report.check(analysis.rank_by, run.extraction.top_k)
     analysis.check(run)
     run.tracking.validate()
     return run

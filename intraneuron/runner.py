@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from intraneuron import paths
 from intraneuron.analyses.base import Job
-from intraneuron.config import check_layers, validate
+from intraneuron.config import RunConfig, check_layers, validate
 from intraneuron.errors import ConfigError
 from intraneuron.reports import artifacts
 from intraneuron.tracking.logger import RunLogger
@@ -35,6 +35,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     from intraneuron.extraction import extract_profiles
     from intraneuron.extraction.cache import ProfileCache, cache_key
     from intraneuron.extraction.engine import profile_key_fields
+    from intraneuron.reports.cards import build_cards
 
     rc = validate(cfg)
     analysis = rc.analysis
@@ -45,10 +46,8 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
             f"an analysis of one model (this one needs {requirements.n_models}; the runner loads `model`)",
         )  # fmt: skip
     started = time.perf_counter()
-    handle = rc.model.load()
-    check_layers(rc.layers, handle.n_layers, rc.model.name)
-    analysis.check_model(rc, handle)
-    windows = rc.corpus.windows(handle.tokenizer)
+    job = open_job(rc)
+    handle, windows = job.handle, job.windows
     stats = requirements.stats
     keys = {
         layer: cache_key(profile_key_fields(handle, windows, layer, rc.extraction, stats))
@@ -66,7 +65,6 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
                              n_tokens=windows.n_tokens, window_len=windows.window_len)  # fmt: skip
     tracker.log_metrics({"corpus/n_tokens": windows.n_tokens, "setup_seconds": time.perf_counter() - started})
 
-    job = Job(run=rc, handle=handle, windows=windows)
     analysis.prepare(job)  # what can fail on a missing file is built before the pass
 
     started = time.perf_counter()
@@ -78,11 +76,48 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     summary = JobSummary(tracker.run_id, {})
     headline = dict(analysis.headline)
     tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
+    cards = []
     for layer in rc.layers:
         result = analysis.analyse_layer(job, layer, profiles[layer])
         summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
+        if rc.report.enabled:
+            neurons = result.tables.get("neurons")
+            cards += build_cards(job, analysis, layer, profiles[layer], neurons, rc.report)
+    artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
     tracker.set_tags({"mlflow.note.content": describe(summary)})
     return summary
+
+
+def open_job(rc: RunConfig) -> Job:
+    """Load the model and the corpus windows, with the checks that need the model's dimensions."""
+    handle = rc.model.load()
+    check_layers(rc.layers, handle.n_layers, rc.model.name)
+    rc.analysis.check_model(rc, handle)
+    for neuron in rc.report.neurons:
+        if neuron >= handle.d_mlp:
+            raise ConfigError("report.neurons", rc.report.neurons, f"neuron indices < d_mlp={handle.d_mlp}")
+    return Job(run=rc, handle=handle, windows=rc.corpus.windows(handle.tokenizer))
+
+
+def neuron_cards(cfg: DictConfig, layer: int, neurons: list[int], neurons_table=None) -> list:
+    """Cards of chosen neurons of one layer of a finished run, rebuilt from its composed config
+    (`cfg`) with no tracking: the extraction is read from the cache when this machine has it.
+    neurons_table: the run's neurons table of that layer (the cards' statistics)."""
+    from dataclasses import replace
+
+    from intraneuron.extraction import extract_profiles
+    from intraneuron.extraction.cache import ProfileCache
+    from intraneuron.reports.cards import build_cards
+
+    rc = validate(cfg)
+    rc.layers = [layer]
+    rc.report = replace(rc.report, neurons=list(neurons), top=0, random=0)
+    job = open_job(rc)
+    rc.analysis.prepare(job)
+    stats = rc.analysis.requirements(rc).stats
+    profiles = extract_profiles(job.handle, job.windows, [layer], rc.extraction, ProfileCache(paths.cache_dir()),
+                                stats=stats)  # fmt: skip
+    return build_cards(job, rc.analysis, layer, profiles[layer], neurons_table, rc.report)
 
 
 def describe(summary: JobSummary) -> str:

@@ -33,4 +33,27 @@ if [ ${#need[@]} -gt 0 ]; then
      { (apt-get update -qq || true) >/dev/null 2>&1; apt-get download "${need[@]}"; }; })
   for deb in .cache/debs/*.deb; do dpkg -x "$deb" "$VENDOR"; done
 fi
+
+# Chromium (Debian's package) renders HTML reports to PNG: the README's images, tests/test_browser.py.
+# The analyses do not need it, so a failed install is one warning line, not an error. Present: only
+# a PATH lookup, nothing else runs.
+install_chromium() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "not root and no sudo"; return 1; }
+    sudo="sudo -n"  # never prompt: a password prompt would hang `make test`
+  fi
+  command -v apt-get >/dev/null 2>&1 || { echo "no apt-get"; return 1; }
+  local install="$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium"
+  # a fresh container has no package lists: the first install fails, update once and retry
+  $install || { $sudo apt-get update -q && $install; }
+}
+if ! command -v chromium >/dev/null 2>&1; then
+  CHROMIUM_LOG=.cache/chromium-install.log
+  if install_chromium >"$CHROMIUM_LOG" 2>&1 && command -v chromium >/dev/null 2>&1; then
+    echo "installed chromium: $(command -v chromium)"
+  else
+    echo "warning: could not install Debian's chromium (see $CHROMIUM_LOG); HTML-to-PNG rendering and tests/test_browser.py need it" >&2
+  fi
+fi
 echo "set-up done: $VENV, $VENDOR"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from intraneuron.reports import commands
+from intraneuron import commands
 from intraneuron.reports.compare import (
     MAX_FIGURES,
     NotFound,
@@ -162,8 +162,9 @@ def test_compare_of_an_experiment_uses_the_environment_s_relative_store(sweep, t
     assert all(c.info.run_name in printed for c in children)
 
 
-def test_show_prints_a_run_and_a_neuron_s_row(sweep, capsys):
+def test_show_prints_a_run_and_a_neuron_s_row_and_writes_its_card(sweep, capsys, tmp_path, monkeypatch):
     cwd, _, _, children = sweep
+    monkeypatch.chdir(tmp_path)
     child = children[0]
     assert commands.main(["show", child.info.run_id, "--tracking-uri", uri_of(cwd)]) == 0
     printed = capsys.readouterr().out
@@ -176,8 +177,14 @@ def test_show_prints_a_run_and_a_neuron_s_row(sweep, capsys):
     assert commands.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "neuron: 3" in lines and "layer: 0" in lines
+    card = tmp_path / f"card-{child.info.run_id[:8]}-L0-N3.html"
+    assert f"card: {card.name}" in lines
+    assert 'data-neuron="3"' in card.read_text()
+    card.unlink()
     assert commands.main(argv[:4] + argv[6:]) == 0  # every layer of the run: only layer 0 here
-    assert capsys.readouterr().out.splitlines() == lines
+    assert capsys.readouterr().out.splitlines() == lines and card.is_file()
+    assert commands.main([*argv, "--out", str(tmp_path / "mine.html")]) == 0
+    assert 'data-layer="0" data-neuron="3"' in (tmp_path / "mine.html").read_text()
 
 
 @pytest.mark.parametrize("argv", [

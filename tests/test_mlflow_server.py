@@ -9,12 +9,6 @@ server's artifact download), the way the UI and remote clients see it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +18,7 @@ import psutil
 import pytest
 
 from intraneuron.reports.artifacts import HEADLINE_TAG, figure_path, layer_metric
+from intraneuron.tracking.server import LocalMlflowServer, group_alive, pid_alive
 from intraneuron.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 from tests.test_runner import BASE, launch
 
@@ -32,114 +27,16 @@ NOTE = "mlflow.note.content"
 PARENT = "mlflow.parentRunId"
 LAYER = 0
 FIGURES = ("homogeneity_by_segment", "neuron_distributions", "top_segment_p_values")
-START_TIMEOUT = 60.0  # seconds for the server to answer /health
-STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL, and for the processes to be gone
 
 # Requests go straight to 127.0.0.1, whatever proxy the environment names.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group still exists (a zombie not yet reaped counts)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else (a reused id)
-        return True
-    return True
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class Server:
-    """`mlflow server` as a subprocess of this test, in its own process group (it spawns uvicorn)."""
+class Server(LocalMlflowServer):
+    """The shared server over the sweep's store, read through REST API 2.0."""
 
     def __init__(self, store: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        # no job runner: the server and its one worker are the only processes
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        artifacts = store / "artifacts"
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-            "--default-artifact-root", str(artifacts),
-            # Runs whose artifact location is a local path are listed and served from that path
-            # (not through the proxy); the proxy's destination is the same folder, so nothing is
-            # written to the working directory.
-            "--serve-artifacts", "--artifacts-destination", str(artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=store.parent, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-            )  # fmt: skip
-        self.pid = self.process.pid  # also the process group of the server and its workers
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with _HTTP.open(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"mlflow server not healthy within {timeout:.0f} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
-
-    def stop(self) -> None:
-        """SIGTERM to the whole group, SIGKILL if any of it is left after a timeout; returns once
-        the server is reaped and no process of its group is left (or the last timeout ran out)."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if self._gone():
-                return
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                pass
-            if self._wait_gone(STOP_TIMEOUT):
-                return
-
-    def _gone(self) -> bool:
-        return self.process.poll() is not None and not group_alive(self.pid)
-
-    def _wait_gone(self, timeout: float) -> bool:
-        # the workers are reaped by the server (or, if orphaned, by init)
-        deadline = time.monotonic() + timeout
-        while not self._gone():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        super().__init__(f"sqlite:///{store / 'mlflow.db'}", store / "artifacts", log)
 
     # ------------------------------------------------------------ REST API 2.0
 
@@ -187,7 +84,7 @@ def store(tmp_path_factory) -> Path:
 def server(store):
     server = Server(store, store.parent / "server.log")
     try:
-        server.wait_ready()
+        server.start()
         yield server
     finally:
         server.stop()
@@ -286,7 +183,7 @@ def test_a_figure_downloads_through_the_server(server, sweep):
 def test_a_stopped_server_leaves_no_process_behind(store):
     server = Server(store, store.parent / "server-stop.log")
     try:
-        server.wait_ready()
+        server.start()
         workers = [p.pid for p in psutil.Process(server.pid).children(recursive=True)]
         assert workers, "mlflow server answered /health without a worker process"
     finally:

@@ -11,12 +11,12 @@ from io import BytesIO
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib import pyplot as plt
 
 from intraneuron.analyses.two_fold.core_tokens import CoreTokens
 from intraneuron.analyses.two_fold.figures import DISTRIBUTIONS, P_BINS, P_VALUES, layer_figures
 from intraneuron.analyses.two_fold.layer import TABLES, analyse_layer
 from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
+from tests.figure_checks import assert_closed_png_with_data
 
 ALPHA = 0.05
 LAYER = 3
@@ -95,14 +95,7 @@ def test_every_figure_is_returned_closed_and_saves_as_a_png(tables):
     figures = layer_figures(tables, LAYER, ALPHA)
     assert set(figures) == NAMES
     for name, fig in figures.items():
-        assert fig.number not in plt.get_fignums(), name
-        assert isinstance(fig.intraneuron_data, dict)
-        buffer = BytesIO()
-        fig.savefig(buffer, format="png")
-        png = buffer.getvalue()
-        assert png.startswith(PNG_MAGIC), name
-        assert len(png) > 10_000, (name, len(png))
-        assert f"layer {LAYER}" in fig.get_suptitle(), name
+        assert_closed_png_with_data(fig, name, f"layer {LAYER}")
 
 
 def test_titles_count_the_neurons(planted_tables):

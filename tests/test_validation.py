@@ -196,6 +196,16 @@ CASES = [
     case("analysis-n-contexts-negative", "analysis=neuron_stats", "analysis.n_contexts=-1", key="analysis.n_contexts"),
     case("analysis-context-tokens-null", "analysis=neuron_stats", "analysis.context_tokens=null",
          key="analysis.context_tokens"),
+    # report
+    case("report-top-by-unknown", "report.top_by=nonsense", key="report.top_by"),
+    case("report-top-by-of-another-analysis", "analysis=neuron_stats", "report.top_by=epsilon2",
+         key="report.top_by"),
+    case("report-contexts-beyond-top-k", "report.contexts=500", key="report.contexts"),
+    case("report-top-negative", "report.top=-1", key="report.top"),
+    case("report-random-negative", "report.random=-2", key="report.random"),
+    case("report-neuron-negative", "report.neurons=[-3]", key="report.neurons"),
+    case("report-neurons-not-ints", "report.neurons=[a]", key="report.neurons"),
+    case("report-unknown-key", "+report.colour=red", key="report.colour"),
     # tracking: the store is checked before a run is created, so none is
     case("tracking-file-store", "tracking.tracking_uri=mlruns", key="tracking.tracking_uri", run=None),
     case("tracking-sqlite-in-proc", "tracking.tracking_uri=sqlite:////proc/x/m.db", key="tracking.tracking_uri",
@@ -400,7 +410,7 @@ def test_the_command_line_exits_non_zero_with_the_error_on_one_line(name, tmp_pa
 # ---- every key an error can name exists --------------------------------------------------------
 
 GROUPS_WITH_OPTIONS = ("model", "corpus", "extraction", "neurons", "core_tokens", "embedding", "clustering",
-                       "segmentation", "analysis", "tracking", "experiment")  # fmt: skip
+                       "segmentation", "analysis", "tracking", "report", "experiment")  # fmt: skip
 REQUIRED_OVERRIDES = {("corpus", "text_files"): ["corpus.options.paths=[README.md]"]}
 
 
@@ -430,7 +440,7 @@ def test_every_key_the_battery_named_exists(every_key):
     assert all(ok for *_, ok in report), [r for r in report if not r[-1]]
     covered_groups = {key.split(".")[0] for _, key, _, _ in report}
     assert covered_groups >= {"layer", "model", "corpus", "extraction", "neurons", "core_tokens", "embedding",
-                              "clustering", "segmentation", "analysis", "tracking"}  # fmt: skip
+                              "clustering", "segmentation", "analysis", "tracking", "report"}  # fmt: skip
 
 
 def _constants(tree: ast.Module) -> dict[str, object]:

@@ -8,9 +8,11 @@ its constructor's parameters (validated once, in the constructor). It declares w
 - `requirements(run)`: which statistics the extraction pass must keep per layer, how many models,
   and whether it reads activations only or also intervenes (write hooks);
 
-and it answers, per layer, a `LayerResult`: named tables, flat metrics and optional figures. The
-runner does everything else (validation, loading, the cached extraction, logging), so a new analysis
-is one module plus one YAML file.
+and it answers, per layer, a `LayerResult`: named tables, flat metrics and optional figures, and
+per neuron selected for a card (`report` group), a `NeuronView`: its tokens grouped as the analysis
+sees them and its own figures. The runner does everything else (validation, loading, the cached
+extraction, the cards' contexts and histograms, logging), so a new analysis is one module plus one
+YAML file.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ class LayerResult:
 
 
 @dataclass
+class NeuronView:
+    """What an analysis shows of one neuron on its card (reports/cards.py adds the rest: the
+    neuron's row of the neurons table, its top contexts with per-token shading, its histogram)."""
+
+    # group title (a category) -> [(token text, activation)], highest first; groups in display order
+    token_groups: dict[str, list[tuple[str, float]]]
+    figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure (L<l>_N<n>_<name>.png)
+    note: str = ""  # how the groups were made, one sentence
+
+
+@dataclass
 class Job:
     """What the runner has built for one job, handed to the analysis."""
 
@@ -86,6 +99,9 @@ class Analysis(ABC, BaseEstimator):
     # metrics (L<l>/<name>), printed at the end and put in the run description; the rest of the
     # metrics go to the layer's summary table
     headline: ClassVar[Mapping[str, str]] = {}
+    # columns of the neurons table that `report.top_by` may rank neurons by (largest first); the
+    # first is the default. Empty: the analysis ranks no neurons (cards only for report.neurons/random).
+    rank_by: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def requirements(self, run: RunConfig) -> Requirements:
@@ -103,3 +119,17 @@ class Analysis(ABC, BaseEstimator):
     @abstractmethod
     def analyse_layer(self, job: Job, layer: int, profile: ActivationProfile) -> LayerResult:
         """The analysis of one layer's profile."""
+
+    def neuron_view(self, job: Job, layer: int, profile: ActivationProfile, neuron: int) -> NeuronView:
+        """One neuron's tokens and figures for its card. By default: its distinct top-k tokens
+        (each at its highest activation) as one group, no figures."""
+        if "topk_values" not in profile.tensors:
+            return NeuronView(token_groups={})
+        values = profile.numpy("topk_values")[neuron]  # [K], descending
+        ids = profile.numpy("topk_token_ids")[neuron]  # [K]
+        best: dict[int, float] = {}
+        for token, value in zip(ids.tolist(), values.tolist(), strict=True):
+            if value == value and token not in best:  # NaN: fewer occurrences than k
+                best[token] = value
+        tokens = [(job.token_texts[t], v) for t, v in best.items()]
+        return NeuronView({"top activating tokens": tokens}, note="distinct tokens of its top-k occurrences")

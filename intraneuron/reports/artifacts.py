@@ -17,6 +17,9 @@ OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
 ERROR_TEXT = "error.txt"  # full traceback of a failed job
 SUMMARY_TABLE = "summary"  # per layer: every aggregate metric of the analysis (metric, value)
 HEADLINE_TAG = "intraneuron.headline"  # the analysis's headline metric names, comma-separated
+CARDS_DIR = "cards"  # neuron cards (L<l>_N<n>.html) and their index.html
+CARD_INDEX = f"{CARDS_DIR}/index.html"
+HTML_TABLES = ("neurons",)  # tables also logged as an HTML page, which the MLflow UI previews
 
 
 def layer_prefix(layer: int | str) -> str:
@@ -39,6 +42,21 @@ def figure_path(layer: int | str, name: str) -> str:
     return f"L{layer}_{name}.png"
 
 
+def table_html_path(layer: int | str, name: str) -> str:
+    """Artifact path of a layer's table as HTML: "layer_<l>/tables/<name>.html"."""
+    return f"{layer_prefix(layer)}tables/{name}.html"
+
+
+def neuron_figure_path(layer: int | str, neuron: int, name: str) -> str:
+    """Artifact path of a carded neuron's figure, at the root: "L<l>_N<n>_<name>.png"."""
+    return f"L{layer}_N{neuron}_{name}.png"
+
+
+def card_path(layer: int | str, neuron: int) -> str:
+    """Artifact path of a neuron's card: "cards/L<l>_N<n>.html"."""
+    return f"{CARDS_DIR}/L{layer}_N{neuron}.html"
+
+
 def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> dict[str, float]:
     """Write one layer's LayerResult and return its headline metrics (readable name -> value).
 
@@ -55,9 +73,29 @@ def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> d
     for name, table in tables.items():
         if len(table):
             tracker.log_table(table, table_path(layer, name))
+    for name in HTML_TABLES:
+        if len(tables.get(name, ())):
+            from intraneuron.reports.card_html import render_table
+
+            tracker.log_text(render_table(tables[name], f"Layer {layer}: {name}"), table_html_path(layer, name))
     for name, figure in result.figures.items():
         tracker.log_figure(figure, figure_path(layer, name))
     return values
+
+
+def log_cards(tracker, cards: list, title: str) -> None:
+    """Write neuron cards (reports.cards.NeuronCard), their figures at the root and the index."""
+    from intraneuron.reports.card_html import render_card, render_index
+
+    for card in cards:
+        tracker.log_text(render_card(card), card_path(card.layer, card.neuron))
+        for name, png in card.figures.items():
+            tracker.log_bytes(png, neuron_figure_path(card.layer, card.neuron, name))
+    if cards:
+        layers = sorted({card.layer for card in cards})
+        tables = [(layer, f"../{table_html_path(layer, 'neurons')}") for layer in layers]
+        subtitle = f"{len(cards)} neuron cards; each opens from disk, with no network"
+        tracker.log_text(render_index(cards, title, subtitle, tables), CARD_INDEX)
 
 
 def load_table(client, run_id: str, layer: int, name: str):

@@ -103,6 +103,14 @@ class RunLogger:
         """Store a matplotlib or plotly figure (format from the file extension)."""
         self.client.log_figure(self.run_id, fig, self.prefix + artifact_path)
 
+    def log_bytes(self, data: bytes, artifact_path: str) -> None:
+        """Store bytes as they are (an image already rendered, so that two copies are identical)."""
+        folder, name = self._split(artifact_path)
+        with tempfile.TemporaryDirectory(prefix="intraneuron-bytes-") as tmp:
+            local = Path(tmp) / name
+            local.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(local), artifact_path=folder)
+
     def log_dict(self, d: Mapping[str, Any], artifact_path: str) -> None:
         """Store a dict as JSON or YAML (from the file extension)."""
         self.client.log_dict(self.run_id, dict(d), self.prefix + artifact_path)

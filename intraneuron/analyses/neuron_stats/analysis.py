@@ -46,6 +46,8 @@ class NeuronStatsAnalysis(Analysis):
         "std_median": "std/median",
     }
 
+    rank_by = ("kurtosis", "skew", "max", "std", "frac_positive")  # report.top_by; the first is the default
+
     def __init__(self, n_contexts: int = 10, context_tokens: int = 12):
         self.n_contexts = n_contexts
         self.context_tokens = context_tokens

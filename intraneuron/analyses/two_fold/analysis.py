@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from intraneuron.analyses.base import Analysis, Job, LayerResult, Requirements
+from intraneuron.analyses.base import Analysis, Job, LayerResult, NeuronView, Requirements
 from intraneuron.analyses.neurons import NeuronsConfig
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
@@ -50,6 +50,10 @@ class TwoFoldAnalysis(Analysis):
         "category_segment_ari_median": "homomorphism/ari/median",
         "activation_cosine_mantel_frac": "homomorphism/mantel_sig_frac_bh",
     }
+
+    # neurons-table columns a card selection ranks by (report.top_by); the first is the default:
+    # how strongly the categories differ in activation
+    rank_by = ("epsilon2", "h_top_minus_rest", "z_top", "mantel_rho", "silhouette", "act_max", "n_tokens")
 
     def __init__(
         self,
@@ -111,6 +115,7 @@ class TwoFoldAnalysis(Analysis):
         )
         self.keep_ = groups["core_tokens"].keep_mask(job.token_texts)
         self.label_ = clustering.labeller(job.token_texts)
+        self.category_names_ = clustering.category_names()
         embedding = groups["embedding"]
         self.vectors_ = None if embedding.per_layer else embedding.build(job.handle)
 
@@ -121,7 +126,7 @@ class TwoFoldAnalysis(Analysis):
 
         started = time.perf_counter()
         groups, texts = job.run.groups, job.token_texts
-        vectors = self.vectors_ or groups["embedding"].build(job.handle, profile)
+        vectors = self._vectors(job, layer, profile)
         neurons = groups["neurons"].indices(job.handle.d_mlp)
         cores = groups["core_tokens"].select(profile, neurons, self.keep_)
         bar = tqdm(total=len(cores), unit="neuron", desc=f"analyse layer {layer}",
@@ -145,6 +150,51 @@ class TwoFoldAnalysis(Analysis):
         for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
         return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+
+    def _vectors(self, job: Job, layer: int, profile):
+        if self.vectors_ is not None:
+            return self.vectors_
+        if getattr(self, "layer_vectors_", (None,))[0] != layer:  # built once per layer, for the cards too
+            self.layer_vectors_ = (layer, job.run.groups["embedding"].build(job.handle, profile))
+        return self.layer_vectors_[1]
+
+    def neuron_view(self, job: Job, layer: int, profile, neuron: int) -> NeuronView:
+        """The neuron's core tokens by category (as its row of the tables was computed: same
+        tokens, vectors, categories and seed) and its activation-by-category, homogeneity-by-segment
+        and 2-D projection figures."""
+        from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
+
+        groups, texts = job.run.groups, job.token_texts
+        core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_)[0]
+        X, valid = self._vectors(job, layer, profile).embed(core.token_ids)
+        ids, acts, X = core.token_ids[valid], core.acts[valid], X[valid]
+        labels = self.label_(ids) if self.label_ is not None else None
+        result = self.neuron_.analyse(acts, X, labels, seed=(self.seed, layer, neuron))
+        if result.token_labels is None:  # skipped: too few core tokens
+            tokens = [(texts[i], float(a)) for i, a in zip(ids, acts, strict=True)]
+            return NeuronView({"core tokens": tokens}, note=str(result.row["skipped"]))
+        names = self._category_names(result.token_labels)
+        by_mean = sorted(names, key=lambda c: (c < 0, -acts[result.token_labels == c].mean()))
+        token_groups = {}
+        for c in by_mean:
+            members = np.flatnonzero(result.token_labels == c)
+            members = members[np.argsort(-acts[members], kind="stable")]
+            token_groups[names[c]] = [(texts[ids[i]], float(acts[i])) for i in members]
+        how = "WordNet supersenses" if self.label_ is not None else f"clusters of {groups['embedding'].source} vectors"
+        note = f"core tokens ({groups['core_tokens'].rule}) grouped by {how}, categories by mean activation"
+        figures = neuron_figures(acts, X, result, layer, neuron, category_names=names, alpha=self.alpha)
+        return NeuronView(token_groups, figures, note)
+
+    def _category_names(self, labels: np.ndarray) -> dict[int, str]:
+        names = {}
+        for c in np.unique(labels).tolist():
+            if c < 0:
+                names[c] = "uncovered (no category)"
+            elif self.category_names_ is not None:
+                names[c] = self.category_names_[c]
+            else:
+                names[c] = f"category {c}"
+        return names
 
 
 def _ratio(rows, numerator: str, denominator: str) -> float:

@@ -364,6 +364,14 @@ class ClusteringConfig:
     def factory_and_normalize(self) -> tuple[ClustererFactory, bool]:
         return self.factory(), self.normalize
 
+    def category_names(self) -> list[str] | None:
+        """Name of each fixed category label (WordNet's supersenses), or None for clusters."""
+        if self.categories != "wordnet":
+            return None
+        from intraneuron.categories.wordnet import LEXNAMES
+
+        return list(LEXNAMES)
+
     def labeller(self, token_texts: list[str]) -> Callable[[np.ndarray], np.ndarray] | None:
         """ids -> WordNet supersense labels (-1 = not in WordNet), or None to cluster the vectors."""
         if self.categories != "wordnet":

@@ -61,13 +61,19 @@ CONFIG_KEYS: dict[str, str] = {
 @dataclass(frozen=True)
 class NeuronResult:
     """row: flat scalars (ROW_KEYS); categories / pairs: top-down tables; segments: bottom-up;
-    k_curve: (k, silhouette) of every K fitted when K was chosen by silhouette."""
+    k_curve: (k, silhouette) of every K fitted when K was chosen by silhouette.
+    token_labels: [n_tokens] the category of each core token as the top-down analysis used it
+    (-1 = uncovered), also when it was skipped for too few categories; segment_labels: [n_tokens]
+    each token's activation segment (0 = highest). Both None for a skipped neuron; they let a
+    neuron card redraw the tables' numbers token by token (`two_fold.neuron_figures`)."""
 
     row: dict[str, float | str]
     categories: pd.DataFrame
     segments: pd.DataFrame
     pairs: pd.DataFrame
     k_curve: pd.DataFrame = field(default_factory=pd.DataFrame)
+    token_labels: np.ndarray | None = None
+    segment_labels: np.ndarray | None = None
 
 
 class TwoFoldNeuron(BaseEstimator):
@@ -185,7 +191,7 @@ class TwoFoldNeuron(BaseEstimator):
         unexpected = set(row) - set(ROW_KEYS)
         assert not unexpected, f"row keys missing from ROW_KEYS: {sorted(unexpected)}"
         k_curve = pd.DataFrame({"k": list(fit.silhouette_by_k), "silhouette": list(fit.silhouette_by_k.values())})
-        return NeuronResult(row, categories, bottom.segments, pairs, k_curve)
+        return NeuronResult(row, categories, bottom.segments, pairs, k_curve, fit.labels, segment_labels)
 
 
 def validate_alpha(alpha: float) -> None:

@@ -1,7 +1,7 @@
 """`intraneuron compare` and `intraneuron show`: read results back from MLflow in the terminal.
 
     intraneuron compare <parent run id | experiment> [--tracking-uri URI] [--out DIR]
-    intraneuron show <run id> [--neuron N] [--layer L] [--tracking-uri URI]
+    intraneuron show <run id> [--neuron N [--layer L] [--out FILE]] [--tracking-uri URI]
 
 Plain argparse, not Hydra: these read a store, they configure no job. Every failure the user can
 fix (an unknown run, experiment, layer or neuron, a store that is not there) is one line on stderr
@@ -56,8 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="one run: what it ran and its headline metrics")
     show.add_argument("run_id")
-    show.add_argument("--neuron", type=int, help="print this neuron's row of the neurons table")
+    show.add_argument("--neuron", type=int, help="print this neuron's row of the neurons table and write its card")
     show.add_argument("--layer", type=int, help="with --neuron: only this layer (default: every layer of the run)")
+    show.add_argument("--out", type=Path, help="with --neuron: the card's file (default: ./card-<run>-L<l>-N<n>.html); "
+                      "a card the run did not log is rebuilt from the run's config")  # fmt: skip
     show.add_argument("--tracking-uri", help=uri_help)
     show.set_defaults(handler=show_command)
     return parser
@@ -137,7 +139,7 @@ def show_command(args: argparse.Namespace) -> int:
     run = get_run(client, args.run_id)
     tags, params = run.data.tags, run.data.params
     if args.neuron is not None:
-        return _show_neuron(client, run, args.neuron, args.layer)
+        return _show_neuron(client, run, args.neuron, args.layer, args.out)
     print(f"run: {run.info.run_name} ({run.info.run_id})")
     print(f"status: {run.info.status}")
     description = tags.get("mlflow.note.content", "").strip()
@@ -159,7 +161,7 @@ def show_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_neuron(client, run, neuron: int, layer: int | None) -> int:
+def _show_neuron(client, run, neuron: int, layer: int | None, out: Path | None) -> int:
     from mlflow.exceptions import MlflowException
 
     from intraneuron.reports.artifacts import load_table
@@ -180,10 +182,54 @@ def _show_neuron(client, run, neuron: int, layer: int | None) -> int:
             found = True
             for key, value in row.items():
                 print(f"{key}: {_full(value)}")
+            path = out if out is not None and layer is not None else _card_file(out, run, l, neuron)
+            print(f"card: {write_card(client, run, l, neuron, table, path)}")
     if not found:
         where = f"layer {layer}" if layer is not None else f"layers {_listed(layers)}"
         raise CommandError(f"neuron {neuron} is not in the neurons table of run {run.info.run_id}, {where}")
     return 0
+
+
+def _card_file(out: Path | None, run, layer: int, neuron: int) -> Path:
+    name = f"card-{run.info.run_id[:8]}-L{layer}-N{neuron}.html"
+    if out is None:
+        return Path(name)
+    return out / name if out.is_dir() else out.with_name(f"{out.stem}-L{layer}{out.suffix}")
+
+
+def write_card(client, run, layer: int, neuron: int, table, path: Path) -> Path:
+    """The neuron's card at `path`: the run's own when it logged one, else rebuilt from the run's
+    composed config (model and corpus loaded again; the extraction read from the cache if here)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from intraneuron.reports.artifacts import COMPOSED_CONFIG, card_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id, uri = run.info.run_id, client.tracking_uri
+    try:
+        logged = download_artifacts(run_id=run_id, artifact_path=card_path(layer, neuron), tracking_uri=uri)
+    except (MlflowException, OSError):
+        logged = None
+    if logged is not None:
+        shutil.copyfile(logged, path)
+        return path
+    try:
+        config = download_artifacts(run_id=run_id, artifact_path=COMPOSED_CONFIG, tracking_uri=uri)
+    except (MlflowException, OSError):
+        raise CommandError(f"run {run_id} logged no card of neuron {neuron} and no {COMPOSED_CONFIG} "
+                           "to rebuild it from") from None  # fmt: skip
+    import yaml
+    from omegaconf import OmegaConf
+
+    from intraneuron.reports.card_html import render_card
+    from intraneuron.runner import neuron_cards
+
+    print(f"(run {run_id[:8]} logged no card of L{layer} N{neuron}: rebuilding it from its config)", file=sys.stderr)
+    cfg = OmegaConf.create(yaml.safe_load(Path(config).read_text()))
+    (card,) = neuron_cards(cfg, layer, [neuron], table)
+    path.write_text(render_card(card, index_href=None), encoding="utf-8")
+    return path
 
 
 def _client(uri: str | None):
