@@ -76,14 +76,18 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     summary = JobSummary(tracker.run_id, {})
     headline = dict(analysis.headline)
     tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
-    cards = []
+    cards, cards_seconds = [], 0.0
     for layer in rc.layers:
         result = analysis.analyse_layer(job, layer, profiles[layer])
         summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
         if rc.report.enabled:
+            started = time.perf_counter()
             neurons = result.tables.get("neurons")
             cards += build_cards(job, analysis, layer, profiles[layer], neurons, rc.report)
-    artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
+            cards_seconds += time.perf_counter() - started
+    if cards:
+        artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
+        tracker.log_metrics({"cards_seconds": cards_seconds, "cards": len(cards)})
     tracker.set_tags({"mlflow.note.content": describe(summary)})
     return summary
 

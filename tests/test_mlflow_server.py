@@ -9,6 +9,7 @@ server's artifact download), the way the UI and remote clients see it.
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -148,6 +149,24 @@ def test_each_child_has_its_figures_at_the_artifact_root(server, sweep):
         assert expected <= set(root), sorted(root)
         assert all(not root[p]["is_dir"] and int(root[p]["file_size"]) > 0 for p in expected)
         assert root.get(f"layer_{LAYER}", {}).get("is_dir")  # the tables stay in the layer's folder
+
+
+def test_each_child_serves_its_neuron_cards_and_their_figures(server, sweep):
+    """The default report: 3 top + 2 random neurons of the layer, each with a card under cards/
+    linked from cards/index.html and its own figures at the root."""
+    _, _, children = sweep
+    for child in children:
+        run_id = child["info"]["run_id"]
+        cards = server.artifacts(run_id, "cards")
+        pages = sorted(p for p in cards if re.fullmatch(rf"cards/L{LAYER}_N\d+\.html", p))
+        assert len(pages) == 5 and "cards/index.html" in cards
+        index = server.download(run_id, "cards/index.html").decode()
+        assert all(f'href="{p.removeprefix("cards/")}"' in index for p in pages)
+        root = server.artifacts(run_id)
+        for page in pages:
+            neuron = page.removeprefix(f"cards/L{LAYER}_N").removesuffix(".html")
+            assert f"L{LAYER}_N{neuron}_activation_by_category.png" in root
+        assert server.download(run_id, pages[0]).startswith(b"<!DOCTYPE html>")
 
 
 def test_each_child_logs_exactly_its_declared_headline_metrics(sweep):
