@@ -2,7 +2,7 @@
 
 Schemas live next to the code they configure (`models/config.py`, `corpus/config.py`,
 `extraction/config.py`, `tracking/store.py`, and the groups an analysis declares). `validate(cfg)`
-validates the run's own groups (`layer`, `model`, `corpus`, `extraction`, `tracking`, `report`), builds the
+validates the run's own groups (`layer`, `model`, `models`, `corpus`, `extraction`, `tracking`, `report`), builds the
 analysis named by `analysis._target_`, then validates only the groups that analysis declares.
 Merging onto a schema rejects unknown keys and values of the wrong type; each schema's `validate()`
 checks ranges. Every failure is a ConfigError naming the key, the value and what is allowed, and
@@ -26,13 +26,14 @@ from omegaconf.errors import (
 from intraneuron.corpus.config import CorpusConfig
 from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.extraction.config import ExtractionConfig
-from intraneuron.models.config import ModelConfig
+from intraneuron.models.config import ModelConfig, ModelsConfig
 from intraneuron.reports.config import ReportConfig
 from intraneuron.tracking.store import TrackingConfig
 
 # The run's own groups: every analysis has them.
 RUN_GROUPS: dict[str, type] = {
     "model": ModelConfig,
+    "models": ModelsConfig,
     "corpus": CorpusConfig,
     "extraction": ExtractionConfig,
     "tracking": TrackingConfig,
@@ -46,6 +47,7 @@ class RunConfig:
 
     layers: list[int]
     model: ModelConfig
+    models: ModelsConfig
     corpus: CorpusConfig
     extraction: ExtractionConfig
     tracking: TrackingConfig
@@ -65,7 +67,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     analysis = build_analysis(_group(tree, "analysis"))
     groups = {name: _typed(tree, name, schema) for name, schema in analysis.groups.items()}
     run = RunConfig(layers=layers, analysis=analysis, groups=groups, **run_groups)
-    for group in (run.model, run.corpus, run.extraction, run.report, *groups.values()):
+    for group in (run.model, run.models, run.corpus, run.extraction, run.report, *groups.values()):
         group.validate()
     _check_across(run)
     run.report.check(analysis.rank_by, run.extraction.top_k)
@@ -113,7 +115,8 @@ def _typed(tree: dict[str, Any], name: str, schema: type) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node)
         return OmegaConf.to_object(merged)
     except ConfigKeyError as error:
-        key = f"{name}.{error.key}" if error.key else name
+        where = _locate(node, str(error.key)) if error.key else ""
+        key = f"{name}.{where}" if where else name
         allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())
         raise ConfigError(key, node.get(str(error.key), "(unknown key)"), f"a key of {name}: {allowed}") from None
     except ValidationError as error:
@@ -126,6 +129,24 @@ def _typed(tree: dict[str, Any], name: str, schema: type) -> Any:
         raise ConfigError(key, node.get(field_name, getattr(error, "value", None)), f"{kind} ({reason})") from None
     except MissingMandatoryValue as error:  # `???` left unset
         raise ConfigError(f"{name}.{error.full_key}", "???", "a value (it is mandatory)") from None
+
+
+def _locate(node: Any, key: str, path: str = "") -> str:
+    """Dotted path of the first `key` in a nested dict/list node ("others.0.colour"): OmegaConf
+    reports only the key itself when it sits in a list element."""
+    if isinstance(node, dict):
+        if key in node:
+            return f"{path}{key}"
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return ""
+    for name, child in items:
+        found = _locate(child, key, f"{path}{name}.")
+        if found:
+            return found
+    return ""
 
 
 def _layers(value: Any) -> list[int]:

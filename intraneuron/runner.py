@@ -40,11 +40,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     rc = validate(cfg)
     analysis = rc.analysis
     requirements = analysis.requirements(rc)
-    if requirements.n_models != 1:
-        raise ConfigError(
-            "analysis._target_", type(analysis).__name__,
-            f"an analysis of one model (this one needs {requirements.n_models}; the runner loads `model`)",
-        )  # fmt: skip
+    check_model_count(rc, requirements.n_models)
     started = time.perf_counter()
     job = open_job(rc)
     handle, windows = job.handle, job.windows
@@ -56,6 +52,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     tracker.set_tags({
         "model": rc.model.name,
         "model.fingerprint": handle.fingerprint,
+        **{f"models.{m.name}.fingerprint": h.fingerprint for m, h in zip(rc.models.others, job.others, strict=True)},
         "layer": ",".join(map(str, rc.layers)),
         "analysis": analysis.name,
         "corpus.content_hash": windows.content_hash,
@@ -72,19 +69,25 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
                                 on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
     tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
+    started = time.perf_counter()
+    if analysis.collect(job, profiles, on_progress=tracker.progress_callback("collect/progress")):
+        tracker.log_metrics({"collect_seconds": time.perf_counter() - started})
 
     summary = JobSummary(tracker.run_id, {})
     headline = dict(analysis.headline)
     tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
-    cards, cards_seconds = [], 0.0
+    cards, cards_seconds, layer_metrics = [], 0.0, {}
     for layer in rc.layers:
         result = analysis.analyse_layer(job, layer, profiles[layer])
         summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
+        layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()
             neurons = result.tables.get("neurons")
             cards += build_cards(job, analysis, layer, profiles[layer], neurons, rc.report)
             cards_seconds += time.perf_counter() - started
+    for name, figure in analysis.run_figures(layer_metrics).items():
+        tracker.log_figure(figure, artifacts.run_figure_path(name))
     if cards:
         artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
         tracker.log_metrics({"cards_seconds": cards_seconds, "cards": len(cards)})
@@ -92,15 +95,33 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     return summary
 
 
+def check_model_count(rc: RunConfig, n_models: int) -> None:
+    """The analysis's model count against `model` plus `models.others`."""
+    others = [m.name for m in rc.models.others]
+    if n_models == 1 and others:
+        raise ConfigError("models.others", others, f"[] (analysis {rc.analysis.name} reads one model: `model`)")
+    if n_models != 1 + len(others):
+        raise ConfigError("models.others", others, f"{n_models - 1} models to compare with `model` "
+                          f"(analysis {rc.analysis.name}; e.g. models=<option of conf/models/>)")  # fmt: skip
+
+
 def open_job(rc: RunConfig) -> Job:
-    """Load the model and the corpus windows, with the checks that need the model's dimensions."""
+    """Load the models and the corpus windows, with the checks that need the models' dimensions."""
+    from intraneuron.corpus.windows import tokenizer_fingerprint
+
     handle = rc.model.load()
     check_layers(rc.layers, handle.n_layers, rc.model.name)
     rc.analysis.check_model(rc, handle)
     for neuron in rc.report.neurons:
         if neuron >= handle.d_mlp:
             raise ConfigError("report.neurons", rc.report.neurons, f"neuron indices < d_mlp={handle.d_mlp}")
-    return Job(run=rc, handle=handle, windows=rc.corpus.windows(handle.tokenizer))
+    others = rc.models.load()
+    reference = tokenizer_fingerprint(handle.tokenizer)
+    for i, other in enumerate(others):
+        if tokenizer_fingerprint(other.tokenizer) != reference:  # lockstep needs the same token ids
+            raise ConfigError(f"models.others.{i}.source", rc.models.others[i].source,
+                              f"a model with the same tokenizer as model={rc.model.name}")  # fmt: skip
+    return Job(run=rc, handle=handle, windows=rc.corpus.windows(handle.tokenizer), others=others)
 
 
 def neuron_cards(cfg: DictConfig, layer: int, neurons: list[int], neurons_table=None) -> list:

@@ -17,7 +17,12 @@ from intraneuron.paths import CONF_DIR
 from intraneuron.registry import available
 
 # Options that cannot be validated as they stand: they need a value from the user.
-REQUIRED_OVERRIDES = {("corpus", "text_files"): ["corpus.options.paths=[{tmp}/notes.txt]"]}
+REQUIRED_OVERRIDES = {
+    ("corpus", "text_files"): ["corpus.options.paths=[{tmp}/notes.txt]"],
+    ("analysis", "universal"): ["models=tiny_gpt2_seeds"],  # it compares models
+    ("models", "tiny_gpt2_seeds"): ["analysis=universal"],
+    ("models", "stanford_gpt2_small_seeds"): ["analysis=universal"],
+}
 GROUPS = [*RUN_GROUPS, *TwoFoldAnalysis.groups, "analysis"]
 
 
@@ -112,5 +117,6 @@ def test_an_unknown_group_option_names_the_group_and_the_choices():
 
 @pytest.mark.parametrize("analysis", sorted(available()))
 def test_the_smoke_experiment_validates_with_every_analysis(analysis):
-    run = validate(compose_config("experiment=smoke", f"analysis={analysis}"))
+    several = ["models=tiny_gpt2_seeds"] if analysis == "universal" else []  # it compares models
+    run = validate(compose_config("experiment=smoke", f"analysis={analysis}", *several))
     assert run.model.name == "tiny-gpt2"

@@ -196,6 +196,27 @@ CASES = [
     case("analysis-n-contexts-negative", "analysis=neuron_stats", "analysis.n_contexts=-1", key="analysis.n_contexts"),
     case("analysis-context-tokens-null", "analysis=neuron_stats", "analysis.context_tokens=null",
          key="analysis.context_tokens"),
+    # universal analysis and the models group
+    case("universal-without-other-models", "analysis=universal", key="models.others"),
+    case("universal-baseline", "analysis=universal", "analysis.baseline=shuffle", "+models.others=[{name: b}]",
+         key="analysis.baseline"),
+    case("universal-threshold", "analysis=universal", "analysis.threshold=5", key="analysis.threshold"),
+    case("universal-site", "analysis=universal", "analysis.site=hook_resid_pre", key="analysis.site"),
+    case("universal-top-k", "analysis=universal", "analysis.top_k=0", key="analysis.top_k"),
+    case("universal-drop-tokens", "analysis=universal", "analysis.drop_tokens=[spaces]", key="analysis.drop_tokens"),
+    case("universal-memory", "analysis=universal", "analysis.memory_gb=0", key="analysis.memory_gb"),
+    case("universal-other-layers-empty", "analysis=universal", "analysis.other_layers=[]",
+         key="analysis.other_layers"),
+    case("models-other-dtype", "analysis=universal", "+models.others=[{name: b, dtype: float7}]",
+         key="models.others.0.dtype"),
+    case("models-other-missing-dir", "analysis=universal",
+         "+models.others=[{name: b, source: /nonexistent/intraneuron-model}]",
+         key="models.others.0.source", error=MissingAssetError),
+    case("models-duplicate-names", "analysis=universal", "+models.others=[{name: b}, {name: b}]",
+         key="models.others"),
+    case("models-unknown-key", "analysis=universal", "+models.others=[{name: b, colour: red}]",
+         key="models.others.0.colour"),
+    case("models-for-one-model-analysis", "+models.others=[{name: b}]", key="models.others"),
     # report
     case("report-top-by-unknown", "report.top_by=nonsense", key="report.top_by"),
     case("report-top-by-of-another-analysis", "analysis=neuron_stats", "report.top_by=epsilon2",
@@ -409,8 +430,8 @@ def test_the_command_line_exits_non_zero_with_the_error_on_one_line(name, tmp_pa
 
 # ---- every key an error can name exists --------------------------------------------------------
 
-GROUPS_WITH_OPTIONS = ("model", "corpus", "extraction", "neurons", "core_tokens", "embedding", "clustering",
-                       "segmentation", "analysis", "tracking", "report", "experiment")  # fmt: skip
+GROUPS_WITH_OPTIONS = ("model", "models", "corpus", "extraction", "neurons", "core_tokens", "embedding",
+                       "clustering", "segmentation", "analysis", "tracking", "report", "experiment")  # fmt: skip
 REQUIRED_OVERRIDES = {("corpus", "text_files"): ["corpus.options.paths=[README.md]"]}
 
 

@@ -37,13 +37,13 @@ class Requirements:
     """What the runner must provide before `analyse_layer`.
 
     stats: statistics kept per layer during the streaming pass (intraneuron.extraction.STAT_NAMES);
-    they are part of the profile cache key. n_models: models loaded (the runner loads one, `model`).
+    they are part of the profile cache key. n_models: models loaded (`model` and `models.others`).
     passes: "observe" reads activations only; "intervene" also runs its own forward passes with
     write hooks (`extraction.patching`) on `job.handle` inside `analyse_layer`.
     """
 
     stats: frozenset[str]
-    n_models: int = 1
+    n_models: int = 1  # `model` plus `models.others`
     passes: Literal["observe", "intervene"] = "observe"
 
 
@@ -72,8 +72,9 @@ class Job:
     """What the runner has built for one job, handed to the analysis."""
 
     run: RunConfig
-    handle: Any  # models.ModelHandle
+    handle: Any  # models.ModelHandle of `model`, the reference
     windows: Any  # corpus.TokenWindows
+    others: list = field(default_factory=list)  # ModelHandles of `models.others`, same tokenizer
 
     @cached_property
     def token_texts(self) -> list[str]:
@@ -116,9 +117,20 @@ class Analysis(ABC, BaseEstimator):
     def prepare(self, job: Job) -> None:
         """Build what can fail on a missing file or a bad checkpoint, before the extraction pass."""
 
+    def collect(self, job: Job, profiles: dict[int, ActivationProfile], on_progress=None) -> bool:
+        """Its own passes over the corpus, after the extraction pass and before `analyse_layer`
+        (several models in lockstep, interventions); True if it made any. None by default.
+        on_progress(done, total) reports progress to the run."""
+        return False
+
     @abstractmethod
     def analyse_layer(self, job: Job, layer: int, profile: ActivationProfile) -> LayerResult:
         """The analysis of one layer's profile."""
+
+    def run_figures(self, metrics: dict[int, dict[str, float]]) -> dict[str, Any]:
+        """Figures across the run's layers from each layer's metrics (layer -> LayerResult.metrics),
+        logged at the root as <name>.png; none by default."""
+        return {}
 
     def neuron_view(self, job: Job, layer: int, profile: ActivationProfile, neuron: int) -> NeuronView:
         """One neuron's tokens and figures for its card. By default: its distinct top-k tokens

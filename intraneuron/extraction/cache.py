@@ -34,42 +34,47 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-class ProfileCache:
-    def __init__(self, root: Path):
-        self.root = Path(root) / "profiles"
+class TensorCache:
+    """Entries `<root>/<folder>/<key>/` of named tensors (`tensors.safetensors`) and a JSON
+    manifest (what they are, the key's fields, the checksum), written and verified as above."""
+
+    tensor_file = "tensors.safetensors"
+    metadata_key = "metadata"
+
+    def __init__(self, root: Path, folder: str):
+        self.root = Path(root) / folder
 
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def load(self, key: str) -> ActivationProfile | None:
-        """The cached profile, or None when absent; a corrupt entry is removed (and None returned)."""
+    def load(self, key: str) -> tuple[dict, dict] | None:
+        """(tensors, metadata) of an entry, or None when absent; a corrupt one is removed."""
         entry = self.entry(key)
         if not entry.exists():
             return None
         try:
             manifest = json.loads((entry / "manifest.json").read_text())
-            tensor_file = entry / "profile.safetensors"
+            tensor_file = entry / self.tensor_file
             if file_sha256(tensor_file) != manifest["sha256"]:
                 raise ValueError("checksum mismatch")
-            tensors = load_file(tensor_file)
-            return ActivationProfile(tensors=tensors, **manifest["profile"])
+            return load_file(tensor_file), manifest[self.metadata_key]
         except Exception as err:  # any damage means: rebuild
             log.warning("cache entry %s is corrupt (%s); removing it and rebuilding", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
 
-    def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
+    def save(self, key: str, tensors: dict, metadata: dict, key_fields: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            tensor_file = tmp / "profile.safetensors"
-            save_file({k: v.contiguous().cpu() for k, v in profile.tensors.items()}, tensor_file)
+            tensor_file = tmp / self.tensor_file
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tensor_file)
             manifest = {
                 "key": key,
                 "key_fields": key_fields,
                 "engine_version": ENGINE_VERSION,
-                "profile": profile.metadata(),
+                self.metadata_key: metadata,
                 "sha256": file_sha256(tensor_file),
                 "versions": {p: version(p) for p in ("torch", "transformers", "safetensors")},
             }
@@ -83,3 +88,21 @@ class ProfileCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+class ProfileCache(TensorCache):
+    """Activation profiles, one entry per (model, corpus, layer, statistics) key."""
+
+    tensor_file = "profile.safetensors"
+    metadata_key = "profile"  # the layout entries have had since the first engine version
+
+    def __init__(self, root: Path):
+        super().__init__(root, "profiles")
+
+    def load(self, key: str) -> ActivationProfile | None:
+        """The cached profile, or None when absent; a corrupt entry is removed (and None returned)."""
+        hit = super().load(key)
+        return None if hit is None else ActivationProfile(tensors=hit[0], **hit[1])
+
+    def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
+        return super().save(key, profile.tensors, profile.metadata(), key_fields)

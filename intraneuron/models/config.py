@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -56,3 +56,31 @@ class ModelConfig:
             revision=self.revision,
             trust_remote_code=self.trust_remote_code,
         )
+
+
+@dataclass
+class ModelsConfig:
+    """The `models` group (conf/models/*.yaml): the models an analysis of several models compares
+    with `model`, the reference (e.g. the same architecture trained from other seeds). They run in
+    lockstep over the same token windows, so their tokenizers must be identical."""
+
+    others: list[ModelConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        from intraneuron.errors import ConfigError, MissingAssetError
+
+        names = [m.name for m in self.others]
+        if len(set(names)) != len(names):
+            raise ConfigError("models.others", names, "models with distinct names")
+        for i, other in enumerate(self.others):
+            entry = f"models.others.{i}."  # name the list entry, not the reference model
+            try:
+                other.validate()
+            except ConfigError as error:
+                raise ConfigError(error.key.replace("model.", entry, 1), error.value, error.allowed) from None
+            except MissingAssetError as error:
+                raise MissingAssetError(str(error).replace("model.", entry, 1)) from None
+
+    def load(self) -> list:
+        """The other models' ModelHandles, in order."""
+        return [m.load() for m in self.others]

@@ -84,18 +84,22 @@ def tiny_bert(directory: Path, *, n_layers: int = 3, d_model: int = 32, seed: in
 
 BUILDERS = {"gpt2": tiny_gpt2, "gpt_neox": tiny_neox, "llama": tiny_llama, "bert": tiny_bert}
 TINY_MODELS = {f"tiny-{arch.replace('_', '-')}": arch for arch in BUILDERS}  # config name -> arch
+# the same tiny GPT-2 from other seeds: smoke runs of analyses of several models (universal neurons)
+TINY_MODELS |= {f"tiny-gpt2-seed{seed}": "gpt2" for seed in (1, 2)}
 
 
 def tiny_model_dir(name: str) -> Path:
-    """Directory of the named tiny model ("tiny-gpt2", ...), built once (seed 0) into the cache."""
+    """Directory of the named tiny model ("tiny-gpt2", ...), built once (seed 0, or N for a name
+    ending in -seedN) into the cache."""
     arch = TINY_MODELS[name]
+    seed = int(name.rpartition("-seed")[2]) if "-seed" in name else 0
     target = paths.cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        BUILDERS[arch](staging)
+        BUILDERS[arch](staging, seed=seed)
         publish_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

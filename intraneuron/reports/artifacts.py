@@ -47,6 +47,11 @@ def table_html_path(layer: int | str, name: str) -> str:
     return f"{layer_prefix(layer)}tables/{name}.html"
 
 
+def run_figure_path(name: str) -> str:
+    """Artifact path of a figure across the run's layers, at the root: "<name>.png"."""
+    return f"{name}.png"
+
+
 def neuron_figure_path(layer: int | str, neuron: int, name: str) -> str:
     """Artifact path of a carded neuron's figure, at the root: "L<l>_N<n>_<name>.png"."""
     return f"L{layer}_N{neuron}_{name}.png"

@@ -1,0 +1,157 @@
+"""Universal neurons (Gurnee et al. 2024) behind the Analysis seam: which neurons of the reference
+model have a highly correlated partner in every other model (trained from other seeds), beyond what
+a random rotation of the other model's neurons gives, and how they differ from the rest.
+
+One lockstep pass (per memory tile) streams the same windows through every model; per reference
+neuron and other model it keeps the best partners over all the other model's layers, and the same
+under the rotation baseline. Universal: mean over models of the max correlation minus the mean of
+the baseline's max (the excess correlation) above `threshold` (the paper's 0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from intraneuron.analyses.base import Analysis, Job, LayerResult, Requirements
+from intraneuron.errors import ConfigError
+from intraneuron.stats.summary import distribution
+
+DROPPABLE = ("bos", "eos", "pad", "newline")  # tokens whose rows can be left out of the correlations
+
+
+class UniversalAnalysis(Analysis):
+    """`analysis=universal`: the correlation site, partners kept, baseline, threshold and memory."""
+
+    name = "universal"
+    headline = {
+        "universal_frac": "universal/frac",
+        "universal_n": "universal/n",
+        "excess_corr_median": "excess_corr/median",
+        "mean_corr_median": "mean_corr/median",
+        "baseline_corr_median": "mean_baseline/median",
+        "universal_kurtosis_percentile_median": "universal_percentile/kurtosis/median",
+        "universal_frac_positive_percentile_median": "universal_percentile/frac_positive/median",
+        "dead_frac": "dead/frac",
+    }
+    rank_by = ("excess_corr", "mean_corr", "min_corr", "kurtosis", "skew")
+    # per-neuron statistics compared between universal neurons and the rest (within-layer percentiles)
+    COMPARED = ("frac_positive", "mean", "skew", "kurtosis", "input_bias", "in_out_sim", "l2_penalty", "vocab_kurt")
+
+    def __init__(
+        self,
+        site: str = "mlp.hook_post",
+        other_layers: list[int] | None = None,
+        top_k: int = 5,
+        baseline: str = "rotation",
+        threshold: float = 0.5,
+        drop_tokens: list[str] | None = None,
+        memory_gb: float = 2.0,
+        seed: int = 0,
+        weights: bool = True,
+    ):
+        from intraneuron.extraction.lockstep import BASELINES
+        from intraneuron.models.adapters import SITE_TEMPLATES
+
+        self.site = site
+        self.other_layers = other_layers
+        self.top_k = top_k
+        self.baseline = baseline
+        self.threshold = threshold
+        self.drop_tokens = drop_tokens
+        self.memory_gb = memory_gb
+        self.seed = seed
+        self.weights = weights
+        if site not in ("mlp.hook_post", "mlp.hook_pre"):
+            raise ConfigError("analysis.site", site, [t.removeprefix("blocks.{layer}.") for t in SITE_TEMPLATES[1:]])
+        if top_k < 1:
+            raise ConfigError("analysis.top_k", top_k, "an integer >= 1")
+        if baseline not in BASELINES:
+            raise ConfigError("analysis.baseline", baseline, BASELINES)
+        if not -1.0 <= threshold <= 2.0:
+            raise ConfigError("analysis.threshold", threshold, "an excess correlation in [-1, 2] (paper: 0.5)")
+        bad = [t for t in (drop_tokens or []) if t not in DROPPABLE]
+        if bad:
+            raise ConfigError("analysis.drop_tokens", drop_tokens, f"a list of {', '.join(DROPPABLE)}")
+        if memory_gb <= 0:
+            raise ConfigError("analysis.memory_gb", memory_gb, "a positive number of GiB")
+        if other_layers is not None and (not other_layers or min(other_layers) < 0):
+            raise ConfigError("analysis.other_layers", other_layers, "null (all layers) or layer indices >= 0")
+
+    def requirements(self, run) -> Requirements:
+        return Requirements(stats=frozenset({"moments", "histogram", "topk"}), n_models=1 + len(run.models.others))
+
+    def check(self, run) -> None:
+        if not run.models.others:
+            raise ConfigError("models.others", [], "at least one model to compare with `model` "
+                              "(e.g. models=seed_models)")  # fmt: skip
+
+    def check_model(self, run, handle) -> None:
+        if self.weights:
+            from intraneuron.models.weights import weight_layout
+
+            layout = weight_layout(handle)
+            if not layout.processable or layout.final_norm is None:
+                raise ConfigError("analysis.weights", True, f"false for {handle.config.model_type} "
+                                  "(no processed weights or no unembedding to compare w_out with)")  # fmt: skip
+        if self.other_layers is not None and max(self.other_layers) >= handle.n_layers:
+            raise ConfigError("analysis.other_layers", self.other_layers, f"layers < {handle.n_layers}")
+
+    def collect(self, job: Job, profiles, on_progress=None) -> bool:
+        from intraneuron.analyses.universal.correlations import cached_correlations
+
+        self.correlations_ = cached_correlations(job, self, on_progress)
+        return True
+
+    def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
+        from intraneuron.analyses.neuron_stats.analysis import neuron_table
+        from intraneuron.analyses.universal.figures import layer_figures
+        from intraneuron.analyses.universal.table import (
+            correlation_table,
+            partners_table,
+            percentiles,
+        )
+
+        names = [m.name for m in job.run.models.others]
+        neurons = np.arange(profile.d_mlp)
+        table = correlation_table(self.correlations_, layer, names, [h.d_mlp for h in job.others], self.threshold)
+        stats = neuron_table(profile, neurons).drop(columns=["layer", "neuron"])
+        table = pd.concat([table, stats], axis=1)
+        if self.weights:
+            from intraneuron.analyses.universal.neuron_weights import neuron_weight_table
+
+            weights = neuron_weight_table(job.handle, layer).drop(columns=["layer", "neuron"])
+            table = pd.concat([table, weights.reset_index(drop=True)], axis=1)
+        table.insert(0, "layer", layer)
+        compared = [c for c in self.COMPARED if c in table]
+        ranks = percentiles(table, compared)
+        metrics = layer_metrics(table, ranks, compared)
+        tables = {
+            "neurons": table,
+            "partners": partners_table(self.correlations_, layer, names, [h.d_mlp for h in job.others]),
+            "percentiles": ranks,
+        }
+        return LayerResult(tables=tables, metrics=metrics,
+                           figures=layer_figures(table, ranks, compared, layer, self.threshold))  # fmt: skip
+
+    def run_figures(self, metrics: dict[int, dict[str, float]]) -> dict:
+        from intraneuron.analyses.universal.figures import share_by_layer
+
+        return {"universal_share_by_layer": share_by_layer(metrics)} if len(metrics) > 1 else {}
+
+
+def layer_metrics(table: pd.DataFrame, ranks: pd.DataFrame, compared: list[str]) -> dict[str, float]:
+    universal = table["universal"].to_numpy(bool)
+    alive = table["mean_corr"].notna()
+    metrics = {
+        "universal/n": float(universal.sum()),
+        "universal/frac": float(universal.mean()) if len(table) else np.nan,
+        "dead/frac": float((~alive).mean()) if len(table) else np.nan,
+    }
+    for column in ("excess_corr", "mean_corr", "max_corr", "min_corr", "mean_baseline"):
+        for stat, value in distribution(table[column]).items():
+            metrics[f"{column}/{stat}"] = value
+    for column in compared:  # where universal neurons sit in the layer (50 = like everyone else)
+        for stat, value in distribution(ranks.loc[universal, column]).items():
+            metrics[f"universal_percentile/{column}/{stat}"] = value
+    return metrics
