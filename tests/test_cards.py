@@ -320,3 +320,44 @@ def test_in_chromium_a_script_token_stays_text(chromium, tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
     assert "<title>L2 N7 · tiny &lt;model&gt;</title>" in dom  # no script ran to change anything
     assert rendered_tokens(dom, "tok") == 4 and "<img src=\"http" not in dom
+
+
+def test_a_carded_neurons_figures_plot_the_runs_own_tables(carded_run):
+    """The neuron view rebuilt from the run's config draws exactly what the run logged for that
+    neuron: category means = its rows of `categories`, segment homogeneity and null = its rows of
+    `segments`, one projected point per core token."""
+    from intraneuron.config import validate
+    from intraneuron.extraction import extract_profiles
+    from intraneuron.extraction.cache import ProfileCache
+    from intraneuron.paths import cache_dir
+    from intraneuron.runner import open_job
+
+    _, _, out, cfg = carded_run
+    layer = 1
+    categories = pd.read_parquet(out / artifacts.table_path(layer, "categories"))
+    segments = pd.read_parquet(out / artifacts.table_path(layer, "segments"))
+    table = pd.read_parquet(out / artifacts.table_path(layer, "neurons")).set_index("neuron")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INTRANEURON_CACHE", str(out.parent.parent / "cards-cache"))
+        rc = validate(cfg)
+        job = open_job(rc)
+        rc.analysis.prepare(job)
+        profile = extract_profiles(job.handle, job.windows, [layer], rc.extraction, ProfileCache(cache_dir()),
+                                   stats=rc.analysis.requirements(rc).stats)[layer]  # fmt: skip
+    carded = sorted(n for l, n in card_pages(out) if l == layer)
+    checked = 0
+    for neuron in carded:
+        if table.loc[neuron, "topdown_skipped"] != "":
+            continue
+        figures = rc.analysis.neuron_view(job, layer, profile, neuron).figures
+        by_category = figures["activation_by_category"].intraneuron_data
+        logged = categories[categories["neuron"] == neuron].sort_values(["mean", "category"])
+        np.testing.assert_allclose(by_category["mean"], logged["mean"])
+        by_segment = figures["homogeneity_by_segment"].intraneuron_data
+        logged = segments[segments["neuron"] == neuron].sort_values("segment", ascending=False)
+        for column in ("homogeneity", "null_mean", "null_sd", "p"):
+            np.testing.assert_allclose(by_segment[column], logged[column], equal_nan=True)
+        coordinates = figures["projection"].intraneuron_data["coordinates"]
+        assert coordinates.shape == (table.loc[neuron, "n_tokens"], 2)
+        checked += 1
+    assert checked >= 3
