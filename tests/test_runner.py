@@ -165,9 +165,9 @@ def test_joblib_launcher_runs_two_jobs_at_a_time_and_lands_every_job(tmp_path):
     check_sweep(tmp_path, done, [0, 1, 5], ["ward", "kmeans"])
 
 
-# the two-fold presets; those comparing several models (`override /models`) run in test_universal.py
+# the two-fold presets; those of other analyses (`override /analysis`) run in their own tests
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
-                     if p.stem != "smoke" and "override /models" not in p.read_text())  # fmt: skip
+                     if p.stem != "smoke" and "override /analysis" not in p.read_text())  # fmt: skip
 
 
 @pytest.mark.slow

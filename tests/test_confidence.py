@@ -1,0 +1,64 @@
+"""`analysis=confidence` end to end on a tiny GPT-2 whose last layer has a planted entropy neuron
+(its w_out lies in directions the unembedding all but ignores): it tops rho, it is a candidate, and
+mean-ablating it acts almost only through the final norm, unlike random neurons of its layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.artifacts import download_artifacts
+from transformers import AutoTokenizer
+
+from intraneuron.models.weights import neuron_weights
+from intraneuron.reports import artifacts
+from tests.test_confidence_stats import set_w_out, with_dark_subspace
+
+LAST, PLANTED = 2, 5
+SMALL = ["analysis=confidence", "corpus=tiny", "layer=2", "analysis.k=4", "analysis.n_windows=4",
+         "analysis.candidates=3", "analysis.random_neurons=4", "extraction.progress=false", "report.top=1",
+         "report.random=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tiny_model_dirs, tmp_path_factory):
+    handle, q = with_dark_subspace(tiny_model_dirs["gpt2"], seed=0)
+    norms = neuron_weights(handle, LAST, processed=False).w_out.norm(dim=1)
+    w = q @ torch.tensor([1.0, -0.5, 0.25])
+    with torch.no_grad():
+        set_w_out(handle, LAST, PLANTED, w * (3 * norms.max() / w.norm()))
+    out = tmp_path_factory.mktemp("planted") / "gpt2"
+    handle.model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(tiny_model_dirs["gpt2"])).save_pretrained(str(out))
+    return out
+
+
+def test_the_planted_entropy_neuron_is_found_and_acts_through_the_final_norm(run_job, planted_dir):
+    summary, client = run_job(*SMALL, f"model.source={planted_dir}")
+    table = pd.read_parquet(download_artifacts(run_id=summary.run_id, tracking_uri=client.tracking_uri,
+                                               artifact_path=artifacts.table_path(LAST, "neurons")))  # fmt: skip
+    row = table.set_index("neuron").loc[PLANTED]
+    assert row["rho_rank"] == 1 and row["rho"] > 0.99 and row["role"] == "candidate"
+    assert row["rho"] > 3 * row["rho_random_level"]  # k=4 of d_model=32: the level is 0.31
+    assert row["ln_mediated"] > 0.9  # its loss effect goes through the final norm's scale
+    randoms = table[table["role"] == "random"]
+    assert len(randoms) == 4 and randoms["ln_mediated"].median() < 0.5
+    assert table["ablation_tokens"].dropna().iloc[0] > 0
+    headline = summary.layers[LAST]
+    assert headline["top_rho"] == pytest.approx(table["rho"].max())
+    assert headline["random_ln_mediated_median"] == pytest.approx(randoms["ln_mediated"].median())
+    root = {a.path: a.file_size for a in client.list_artifacts(summary.run_id)}
+    for name in ("unembedding_spectrum", "norm_vs_logit_var", "rho_distribution", "ablation_effects"):
+        assert root.get(artifacts.figure_path(LAST, name), 0) > 10_000, name
+    assert f"cards/L{LAST}_N{PLANTED}.html" in {a.path for a in client.list_artifacts(summary.run_id, "cards")}
+
+
+def test_the_random_direction_level_is_what_random_neurons_get(run_job, tiny_model_dirs):
+    """On an unplanted model no neuron stands out: the layer's rho sits around the random level."""
+    summary, client = run_job(*SMALL, "model=tiny-gpt2", "analysis.k=8")
+    table = pd.read_parquet(download_artifacts(run_id=summary.run_id, tracking_uri=client.tracking_uri,
+                                               artifact_path=artifacts.table_path(LAST, "neurons")))  # fmt: skip
+    level = table["rho_random_level"].iloc[0]
+    rms = float(np.sqrt((table["rho"] ** 2).mean()))
+    assert rms == pytest.approx(level, rel=0.15)
