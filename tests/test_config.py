@@ -3,6 +3,8 @@ its groups and validates only those. (Bad values, one by one: tests/test_validat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -13,10 +15,12 @@ from sklearn.metrics import adjusted_rand_score
 from intraneuron.analyses.two_fold import TwoFoldAnalysis
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.config import RUN_GROUPS, validate
+from intraneuron.errors import MissingAssetError
 from intraneuron.paths import CONF_DIR
 from intraneuron.registry import available
 
 # Options that cannot be validated as they stand: they need a value from the user.
+TRAINED_BY_A_SCRIPT = {"universal_seeds"}  # presets whose models experiments/universal_seeds/train.py makes
 REQUIRED_OVERRIDES = {
     ("corpus", "text_files"): ["corpus.options.paths=[{tmp}/notes.txt]"],
     ("analysis", "universal"): ["models=tiny_gpt2_seeds"],  # it compares models
@@ -105,6 +109,11 @@ def test_every_preset_composes_and_validates(preset):
         assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
     OmegaConf.set_struct(cfg, False)
     cfg.pop("hydra")
+    sources = [cfg.model.source, *(m.source for m in cfg.models.others)]
+    if preset in TRAINED_BY_A_SCRIPT and not all(Path(p).exists() for p in sources):
+        with pytest.raises(MissingAssetError, match=r"^models?[.\w]*\.source: .*seed_models/seed\d does not exist"):
+            validate(cfg)  # the models come from the study's training script: a clear error without them
+        return
     validate(cfg)
 
 
