@@ -35,7 +35,7 @@ def planted_dir(tiny_model_dirs, tmp_path_factory):
 
 
 def test_the_planted_entropy_neuron_is_found_and_acts_through_the_final_norm(run_job, planted_dir):
-    summary, client = run_job(*SMALL, f"model.source={planted_dir}")
+    summary, client = run_job(*SMALL, f"model.source={planted_dir}", f"analysis.known_neurons=[{PLANTED},17]")
     table = pd.read_parquet(download_artifacts(run_id=summary.run_id, tracking_uri=client.tracking_uri,
                                                artifact_path=artifacts.table_path(LAST, "neurons")))  # fmt: skip
     row = table.set_index("neuron").loc[PLANTED]
@@ -48,6 +48,12 @@ def test_the_planted_entropy_neuron_is_found_and_acts_through_the_final_norm(run
     headline = summary.layers[LAST]
     assert headline["top_rho"] == pytest.approx(table["rho"].max())
     assert headline["random_ln_mediated_median"] == pytest.approx(randoms["ln_mediated"].median())
+    known = table[table["known"]]  # named in analysis.known_neurons: 17 is ablated as "known"
+    assert sorted(known["neuron"]) == [PLANTED, 17] and table.set_index("neuron").loc[17, "role"] == "known"
+    assert headline["known_neurons_rho_rank_median"] == pytest.approx(known["rho_rank"].median())
+    steps = pd.read_parquet(download_artifacts(run_id=summary.run_id, tracking_uri=client.tracking_uri,
+                                               artifact_path=artifacts.table_path(LAST, "weight_processing")))  # fmt: skip
+    assert any("centre" in step for step in steps["step"])
     root = {a.path: a.file_size for a in client.list_artifacts(summary.run_id)}
     for name in ("unembedding_spectrum", "norm_vs_logit_var", "rho_distribution", "ablation_effects"):
         assert root.get(artifacts.figure_path(LAST, name), 0) > 10_000, name

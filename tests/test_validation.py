@@ -226,6 +226,8 @@ CASES = [
     case("confidence-skip-beyond-window", "analysis=confidence", "analysis.skip_first=500",
          key="analysis.skip_first"),
     case("confidence-frequency", "analysis=confidence", "analysis.frequency=wikipedia", key="analysis.frequency"),
+    case("confidence-known-neurons", "analysis=confidence", "analysis.known_neurons=[-1]",
+         key="analysis.known_neurons"),
     case("confidence-counts-file-missing", "analysis=confidence", "analysis.frequency=counts_file",
          "analysis.counts_file=/nonexistent/counts.json", key="analysis.counts_file"),
     case("confidence-counts-file-unset", "analysis=confidence", "analysis.frequency=counts_file",

@@ -37,6 +37,7 @@ class ConfidenceAnalysis(Analysis):
         "random_entropy_change_median": "random/mean_dentropy_te/median",
         "top_frequency_alignment": "freq_projection/max_abs",
         "candidates_freq_mediated_median": "candidates/freq_mediated/median",
+        "known_neurons_rho_rank_median": "known/rho_rank_median",
     }
     rank_by = ("rho", "ln_mediated", "w_out_norm", "mean_abs_dentropy_te", "freq_projection")
 
@@ -51,6 +52,7 @@ class ConfidenceAnalysis(Analysis):
         skip_first: int = 3,
         frequency: str = "corpus",
         counts_file: str | None = None,
+        known_neurons: list[int] | None = None,
         seed: int = 0,
     ):
         self.k = k
@@ -62,6 +64,7 @@ class ConfidenceAnalysis(Analysis):
         self.skip_first = skip_first
         self.frequency = frequency
         self.counts_file = counts_file
+        self.known_neurons = known_neurons
         self.seed = seed
         if k is not None and k < 1:
             raise ConfigError("analysis.k", k, "null (the paper's k, else 1% of d_model) or an integer >= 1")
@@ -74,6 +77,8 @@ class ConfidenceAnalysis(Analysis):
             raise ConfigError("analysis.skip_first", skip_first, "an integer >= 0")
         if frequency not in FREQUENCY:
             raise ConfigError("analysis.frequency", frequency, FREQUENCY)
+        if known_neurons is not None and any(n < 0 for n in known_neurons):
+            raise ConfigError("analysis.known_neurons", known_neurons, "neuron indices >= 0")
         if counts_file is not None:
             from pathlib import Path
 
@@ -104,6 +109,8 @@ class ConfidenceAnalysis(Analysis):
             raise ConfigError("analysis.processed", True, f"false for {handle.config.model_type}")
         if self.k is not None and self.k >= handle.d_model:
             raise ConfigError("analysis.k", self.k, f"< d_model={handle.d_model}")
+        if self.known_neurons and max(self.known_neurons) >= handle.d_mlp:
+            raise ConfigError("analysis.known_neurons", self.known_neurons, f"neuron indices < d_mlp={handle.d_mlp}")
         wanted = self.candidates + self.random_neurons
         if wanted > handle.d_mlp:
             raise ConfigError("analysis.candidates", self.candidates,
@@ -145,12 +152,18 @@ class ConfidenceAnalysis(Analysis):
 
             table["freq_projection"] = frequency_projection(weights.w_out, self.unembed_.W_U, self.u_).numpy()
         roles = self._select(table, layer)
+        for neuron in self.known_neurons or []:  # the literature's entropy neurons get ablated too
+            roles.setdefault(int(neuron), "known")
         effects = self._effects(job, layer, roles)
         table["role"] = table["neuron"].map(roles).fillna("")
+        table["known"] = table["neuron"].isin(self.known_neurons or [])
         table = table.merge(effects, on="neuron", how="left")
         metrics = layer_metrics(table)
         figures = layer_figures(table, self.S_, self.k_, layer, job.run.model.name)
-        return LayerResult(tables={"neurons": table}, metrics=metrics, figures=figures)
+        # how the weights were read (raw, or which TL processing steps), for the record
+        steps = pd.DataFrame({"object": ["neuron weights"] * len(weights.steps) + ["unembedding"] * len(self.unembed_.steps),
+                              "step": [*weights.steps, *self.unembed_.steps]})  # fmt: skip
+        return LayerResult(tables={"neurons": table, "weight_processing": steps}, metrics=metrics, figures=figures)
 
     def _select(self, table: pd.DataFrame, layer: int) -> dict[int, str]:
         """neuron -> "candidate" (top by the selection rule) or "random" (the baseline)."""
@@ -206,6 +219,11 @@ def layer_metrics(table: pd.DataFrame) -> dict[str, float]:
         metrics[f"rho/{stat}"] = value
     if "freq_projection" in table:
         metrics["freq_projection/max_abs"] = float(table["freq_projection"].abs().max())
+    known = table[table["known"]]
+    if len(known):  # do the literature's entropy neurons come out on top here?
+        metrics["known/rho_rank_median"] = float(known["rho_rank"].median())
+        metrics["known/in_candidates_frac"] = float((known["role"] == "candidate").mean())
+        metrics["known/ln_mediated_median"] = float(known["ln_mediated"].median())
     for role, prefix in (("candidate", "candidates"), ("random", "random")):
         rows = table[table["role"] == role]
         for column in ("rho", "w_out_norm", "ln_mediated", "freq_mediated", "mean_dentropy_te",

@@ -47,7 +47,10 @@ def ablation_effects(table: pd.DataFrame, layer: int):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
     data = {}
-    for i, (role, colour) in enumerate((("candidate", "tab:red"), ("random", "0.5"))):
+    roles = [("candidate", "tab:red"), ("random", "0.5")]
+    if (table["role"] == "known").any():  # the literature's neurons, when the config names them
+        roles.append(("known", "tab:green"))
+    for i, (role, colour) in enumerate(roles):
         rows = table[table["role"] == role]
         mediated, entropy = rows["ln_mediated"].to_numpy(float), rows["mean_dentropy_te"].to_numpy(float)
         jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(rows))
@@ -55,7 +58,7 @@ def ablation_effects(table: pd.DataFrame, layer: int):
         right.scatter(rows["rho"], entropy, color=colour, s=14, label=f"{role} ({len(rows)})")
         data[f"{role}.neuron"], data[f"{role}.ln_mediated"] = rows["neuron"].to_numpy(), mediated
         data[f"{role}.mean_dentropy_te"] = entropy
-    left.set_xticks([0, 1], ["candidates", "random"])
+    left.set_xticks(range(len(roles)), [{"candidate": "candidates"}.get(r, r) for r, _ in roles])
     left.axhline(0, color="k", lw=0.8)
     left.set(ylabel="final-norm-mediated share 1 - |dL_DE| / |dL_TE|")
     right.axhline(0, color="k", lw=0.8)
