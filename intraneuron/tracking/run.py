@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -178,6 +180,29 @@ def write_run_info(
     return path
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler cancelling the job): the run ends KILLED, as on Ctrl-C."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into `Terminated` while the block runs, so the run's `finally` records it
+    instead of the process dying with the run left RUNNING forever. Signal handlers can only be
+    set from the main thread; elsewhere (a thread-based launcher) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, _frame):
+        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def tracked_run(
     tcfg: TrackingConfig,
@@ -188,7 +213,8 @@ def tracked_run(
     config_dict: Mapping[str, Any] | None = None,
     overrides: Sequence[str] | None = None,
 ) -> Iterator[RunLogger]:
-    """Open a run, yield its RunLogger, and end it FINISHED, FAILED (error logged) or KILLED (Ctrl-C).
+    """Open a run, yield its RunLogger, and end it FINISHED, FAILED (error logged) or KILLED (Ctrl-C
+    or SIGTERM).
 
     Inside a Hydra multirun the run is a child of the sweep's parent run (id read from
     `<sweep dir>/mlflow_parent_run_id`); elsewhere it is a top-level run. Inside any Hydra job the
@@ -217,28 +243,29 @@ def tracked_run(
     logger = RunLogger(client, run_id)
     monitor = None
     status, failure = RunStatus.to_string(RunStatus.FINISHED), None
-    try:
-        if job is not None:
-            write_run_info(job, client, experiment_id, str(tcfg.experiment), run_id, run_name, parent)
-        monitor = start_system_metrics(tcfg, client.tracking_uri, run_id)
-        logger.log_params(params or {})
-        if config_dict is not None:
-            logger.log_text(_yaml(dict(config_dict)), COMPOSED_CONFIG)
-        if overrides is not None:
-            logger.log_text(_yaml([str(o) for o in overrides]), OVERRIDES)
-        yield logger
-    except KeyboardInterrupt as exc:
-        status, failure = RunStatus.to_string(RunStatus.KILLED), exc
-        raise
-    except BaseException as exc:
-        status, failure = RunStatus.to_string(RunStatus.FAILED), exc
-        raise
-    finally:
-        # the sampler's last samples go in while the run is still RUNNING
-        stop_system_metrics(monitor)
-        if failure is not None:
-            record_failure(client, run_id, failure)
-        _end_run(client, run_id, status)
+    with sigterm_as_interrupt():  # a scheduler's cancel or `kill` ends the run KILLED too
+        try:
+            if job is not None:
+                write_run_info(job, client, experiment_id, str(tcfg.experiment), run_id, run_name, parent)
+            monitor = start_system_metrics(tcfg, client.tracking_uri, run_id)
+            logger.log_params(params or {})
+            if config_dict is not None:
+                logger.log_text(_yaml(dict(config_dict)), COMPOSED_CONFIG)
+            if overrides is not None:
+                logger.log_text(_yaml([str(o) for o in overrides]), OVERRIDES)
+            yield logger
+        except KeyboardInterrupt as exc:
+            status, failure = RunStatus.to_string(RunStatus.KILLED), exc
+            raise
+        except BaseException as exc:
+            status, failure = RunStatus.to_string(RunStatus.FAILED), exc
+            raise
+        finally:
+            # the sampler's last samples go in while the run is still RUNNING
+            stop_system_metrics(monitor)
+            if failure is not None:
+                record_failure(client, run_id, failure)
+            _end_run(client, run_id, status)
 
 
 class TaskFailed(RuntimeError):

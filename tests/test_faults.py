@@ -1,0 +1,58 @@
+"""A job killed with SIGTERM (`kill`, a scheduler cancelling it) mid-extraction ends its MLflow run
+KILLED with the reason, instead of leaving it RUNNING forever, and leaves no cache entry behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+WAIT = 120.0  # seconds for the job to start its pass; the pass itself takes far longer
+
+
+def test_sigterm_mid_extraction_marks_the_run_killed(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env["INTRANEURON_CACHE"] = str(tmp_path / "cache")  # the Debian texts are still found in the project
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # the whole default corpus through the tiny model, one window per batch: tens of seconds at least
+    command = [sys.executable, "-m", "intraneuron", "model=tiny-gpt2", "corpus=gutenberg", "layer=2",
+               "extraction.batch_size=1", "extraction.progress=false", "report=none",
+               f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]  # fmt: skip
+    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True)  # fmt: skip
+    try:
+        run = _wait_for_extraction(job, MlflowClient(uri), tmp_path)
+        os.kill(job.pid, signal.SIGTERM)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0, output[-2000:]
+    ended = MlflowClient(uri).get_run(run.info.run_id)
+    assert ended.info.status == "KILLED", output[-2000:]
+    assert "SIGTERM" in ended.data.tags.get("mlflow.note.content", "") + ended.data.tags.get("error", "")
+    profiles = tmp_path / "cache" / "profiles"
+    assert not profiles.exists() or not [p for p in profiles.iterdir() if not p.name.startswith(".")]
+
+
+def _wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):
+    """The job's RUNNING run, once its corpus windows exist (the pass has started)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            pytest.fail(f"the job ended before it could be stopped: {job.stdout.read()[-2000:]}")
+        experiments = client.search_experiments() if (folder / "mlflow.db").exists() else []
+        runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+        windows = list((folder / "cache" / "corpus").glob("*/tokens.npy"))
+        if runs and windows and "corpus/n_tokens" in runs[0].data.metrics:
+            time.sleep(1.0)  # into the pass
+            return runs[0]
+        time.sleep(0.5)
+    pytest.fail("the job did not reach its extraction pass in time")
