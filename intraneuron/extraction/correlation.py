@@ -251,7 +251,7 @@ def rotation(
     """R [d, d] for the baseline: apply as `b @ R.T`, so new neuron i = sum_j R[i, j] b_j.
 
     Default: the authors' baseline, a Gaussian matrix with rows scaled to unit norm and *not*
-    orthogonalised (their code leaves that as a TODO). `orthogonal=True`: a Haar-random
+    orthogonalised (their code marks that as unfinished). `orthogonal=True`: a Haar-random
     orthogonal matrix (QR with the sign of R's diagonal folded in), a sensitivity check.
     Drawn in float64 on CPU from a seeded torch.Generator, then cast and moved, so one seed
     gives the same matrix on every device.

@@ -183,7 +183,6 @@ class ConfidenceAnalysis(Analysis):
         from intraneuron.analyses.confidence.forward import (
             clean_pass,
             drop_token_ids,
-            mean_activation,
             token_filter,
         )
         from intraneuron.models.weights import neuron_weights, unembedding
@@ -191,16 +190,17 @@ class ConfidenceAnalysis(Analysis):
         handle = job.handle
         ids = torch.from_numpy(np.asarray(job.windows.ids[: self.n_windows], dtype=np.int64))  # [B, T]
         neurons = torch.tensor(sorted(roles), dtype=torch.long)
-        means = mean_activation(handle, ids, layer, neurons)  # over every token of the sample
+        clean = clean_pass(handle, ids, layer, neurons)  # one full pass serves the means and the effects
+        # the ablation value: each neuron's mean over every token of the sample, before any filter
+        means = clean.acts.double().mean((0, 1)).float()  # [m]
         mask = token_filter(ids, self.skip_first, drop_token_ids(handle.tokenizer))
         freq = {"freq_direction": self.u_, "log_p_freq": self.log_p_freq_}
         if layer == handle.n_layers - 1:
-            clean = clean_pass(handle, ids, layer, neurons)
             w_out = neuron_weights(handle, layer, processed=False).w_out[neurons]
             raw = unembedding(handle, processed=False, n_vocab=self.unembed_.n_vocab)
             effects = final_layer_effects(clean, w_out, raw, means, mask=mask, **freq)
         else:
-            effects = rerun_effects(handle, ids, layer, neurons, means, mask=mask, **freq)
+            effects = rerun_effects(handle, ids, layer, neurons, means, mask=mask, clean=clean, **freq)
         out = effects.table().drop(columns=["layer"])
         out["ablation_value"] = means.numpy()
         out["ablation_tokens"] = effects.n_tokens
