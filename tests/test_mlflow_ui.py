@@ -122,6 +122,81 @@ def test_the_corpus_is_a_dataset_input_shared_by_runs_on_the_same_windows(tcfg, 
     assert second.dataset == dataset  # one dataset, two runs
 
 
+def _log_the_corpus_at_once(db: str, run_id: str, digest: str, barrier, errors) -> None:
+    client = MlflowClient(f"sqlite:///{db}")
+    client.get_run(run_id)  # open the store before the barrier, so that the inserts start together
+    barrier.wait()
+    try:
+        RunLogger(client, run_id).log_corpus_input("gutenberg", digest, "tokens.npy", 8192, 64)
+    except Exception as err:  # noqa: BLE001 - sent to the parent, which asserts there are none
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+def test_runs_of_a_parallel_sweep_log_the_same_corpus_at_the_same_moment(client, store):
+    """Parallel jobs on the same windows race to insert one dataset row; every run must end linked to
+    that row (the joblib launcher once failed a job with a UNIQUE constraint error here)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    db = str(store / "mlruns" / "mlflow.db")
+    experiment_id = client.create_experiment("race", artifact_location=str(store / "race"))
+    errors = context.Queue()
+    n_rounds, n_runs = 4, 6
+    for round_ in range(n_rounds):
+        digest = f"{round_:02d}{CONTENT_HASH[2:]}"  # a new digest: no row exists when the runs race
+        run_ids = [client.create_run(experiment_id, run_name=f"r{round_}.{i}").info.run_id for i in range(n_runs)]
+        barrier = context.Barrier(n_runs)
+        workers = [
+            context.Process(target=_log_the_corpus_at_once, args=(db, run_id, digest, barrier, errors))
+            for run_id in run_ids
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+        assert [worker.exitcode for worker in workers] == [0] * n_runs
+        linked = [client.get_run(run_id).inputs.dataset_inputs for run_id in run_ids]
+        assert all(len(inputs) == 1 for inputs in linked), f"round {round_}: {linked}"
+        assert {inputs[0].dataset.digest for inputs in linked} == {digest[:16]}
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    assert reported == []
+
+
+def test_only_a_duplicate_insert_is_retried(tcfg, client):
+    class FlakyClient:
+        """Fails the first `failures` inserts with `message`, then logs for real."""
+
+        def __init__(self, message: str, failures: int):
+            self.message, self.failures, self.calls = message, failures, 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise mlflow.exceptions.MlflowException(self.message)
+            client.log_inputs(run_id, datasets=datasets)
+
+    duplicate = "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name"
+    with _run(tcfg, "retried") as run:
+        flaky = FlakyClient(duplicate, failures=1)
+        RunLogger(flaky, run.run_id).log_corpus_input("gutenberg", CONTENT_HASH, "tokens.npy", 8192, 64)
+    assert flaky.calls == 2 and len(client.get_run(run.run_id).inputs.dataset_inputs) == 1
+
+    postgres = 'duplicate key value violates unique constraint "uq_dataset"'
+    with _run(tcfg, "gives-up") as run:
+        flaky = FlakyClient(postgres, failures=10)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="duplicate key"):
+            RunLogger(flaky, run.run_id).log_corpus_input("gutenberg", CONTENT_HASH, "tokens.npy", 8192, 64)
+    assert flaky.calls == 3
+
+    with _run(tcfg, "other-error") as run:
+        flaky = FlakyClient("RESOURCE_DOES_NOT_EXIST: run not found", failures=1)
+        with pytest.raises(mlflow.exceptions.MlflowException, match="not found"):
+            RunLogger(flaky, run.run_id).log_corpus_input("gutenberg", CONTENT_HASH, "tokens.npy", 8192, 64)
+    assert flaky.calls == 1
+
+
 def test_a_corpus_served_over_http_is_an_http_source(tcfg, client):
     with _run(tcfg, "http-corpus") as run:
         run.log_corpus_input("wikitext", CONTENT_HASH[::-1], "https://example.org/w.npy", 100, 10)

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
@@ -44,6 +45,7 @@ from intraneuron.tracking.ui import run_url
 log = logging.getLogger(__name__)
 
 CORPUS_CONTEXT = "extraction"  # what the corpus is used for, shown next to the dataset in the UI
+DATASET_INSERT_ATTEMPTS = 3  # a duplicate insert means another run created the row: retry links to it
 DIGEST_LENGTH = 16  # hex characters of the content hash kept as the dataset digest (MLflow allows 36)
 
 
@@ -158,7 +160,18 @@ class RunLogger:
             }),
         )
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] if context else []
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags)])
+        inputs = [DatasetInput(dataset, tags)]
+        # Two jobs of a parallel sweep on the same windows both see "no such dataset" and both insert
+        # it; the store's unique key turns the second insert into an IntegrityError and rolls it back.
+        # Once the first job has committed, a retry finds its row and links to it.
+        for attempt in range(DATASET_INSERT_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as err:
+                if not _is_duplicate_insert(err) or attempt == DATASET_INSERT_ATTEMPTS - 1:
+                    raise
+                log.info("dataset %s was inserted concurrently by another run; linking to it", name)
 
     def progress_callback(self, key: str = "extraction/progress") -> Callable[[int, int], None]:
         """A callable `(done, total)` that logs `key` = done / total at step `done`, for
@@ -183,6 +196,15 @@ class RunLogger:
         full = self.prefix + artifact_path.lstrip("/")
         folder, _, name = full.rpartition("/")
         return (folder or None), name
+
+
+def _is_duplicate_insert(err: MlflowException) -> bool:
+    """Whether a store error is a unique-key violation (SQLite, PostgreSQL and MySQL wordings)."""
+    text = str(err).lower()
+    return any(
+        marker in text
+        for marker in ("unique constraint failed", "integrityerror", "duplicate key value", "duplicate entry")
+    )
 
 
 def _is_url(source: str | Path) -> bool:
