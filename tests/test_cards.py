@@ -20,7 +20,10 @@ from intraneuron.reports.config import ReportConfig
 
 TINY = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=8192", "layer=[0,1]",
         "core_tokens.n=30", "core_tokens.min_count=2", "neurons=range", "neurons.stop=24",
-        "analysis.n_permutations=19", "analysis.n_mantel_permutations=19", "extraction.progress=false"]  # fmt: skip
+        "analysis.n_permutations=19", "analysis.n_mantel_permutations=19", "extraction.progress=false",
+        # a random tiny model has no categories (the gap statistic says K = 1): K >= 2 by silhouette
+        # and no selectivity floor give every card its category figures
+        "clustering.k_choice=silhouette", "core_tokens.min_selectivity=0"]  # fmt: skip
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,4 +1,5 @@
-"""Categorical clusters: K by cosine silhouette, presets from `_target_` configs, skips."""
+"""Categorical clusters: K by gap statistic or silhouette, presets from `_target_` configs, skips.
+(K = 1 and the K-curve's planted rates: tests/test_categories_k.py.)"""
 
 import numpy as np
 import pytest
@@ -26,24 +27,30 @@ def planted(n_per=20, n_clusters=4, d=64, spread=0.35, seed=0):
     return X, truth
 
 
-def test_ward_default_finds_the_planted_k_and_reports_the_cosine_silhouette():
+@pytest.mark.parametrize("k_choice", ["gap", "silhouette"])
+def test_ward_default_finds_the_planted_k_and_reports_the_silhouette_in_its_own_distance(k_choice):
+    # Ward runs on unit vectors: its silhouette is Euclidean there, sqrt(2 - 2 cos) (it used to be
+    # 1 - cos, a different distance from the one the tree was built on)
     X, truth = planted()
     factory, normalize = preset_factory("ward")
-    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize)
+    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize, k_choice=k_choice)
     assert fit.skipped is None
     assert fit.k == 4
     assert adjusted_rand_score(truth, fit.labels) == 1.0
-    assert fit.silhouette == pytest.approx(silhouette_score(X, fit.labels, metric="cosine"))
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert fit.silhouette == pytest.approx(silhouette_score(unit, fit.labels, metric="euclidean"))
 
 
 def test_chosen_k_maximises_the_silhouette_over_the_range():
     X, _ = planted(n_clusters=3, spread=1.2, seed=3)
     factory, _ = preset_factory("ward")
-    fit = fit_categories(X, factory, k_range=(2, 6))
+    fit = fit_categories(X, factory, k_range=(2, 6), k_choice="silhouette")
     unit = X / np.linalg.norm(X, axis=1, keepdims=True)
     scores = {
         k: silhouette_score(
-            X, AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(unit), metric="cosine"
+            unit,
+            AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(unit),
+            metric="euclidean",
         )
         for k in range(2, 7)
     }
@@ -66,8 +73,14 @@ def test_one_tree_cut_at_each_k_equals_refitting_sklearn(linkage, metric, normal
         # n_categories=k also goes through fit_predict; compare the tree cut of the range path.
         reference = AgglomerativeClustering(n_clusters=k, linkage=linkage, metric=metric).fit_predict(data)
         assert adjusted_rand_score(reference, fast.labels) == 1.0
-        ranged = fit_categories(X, factory, k_range=(k, k), normalize=normalize)
+        ranged = fit_categories(
+            X, factory, k_range=(k, k), normalize=normalize, k_choice="silhouette"
+        )
         assert adjusted_rand_score(reference, ranged.labels) == 1.0
+        curve = fit_categories(
+            X, factory, k_range=(2, 8), normalize=normalize
+        )  # the gap's one tree
+        assert adjusted_rand_score(reference, curve.labels_by_k[k]) == 1.0
 
 
 CLUSTERERS = sorted(p.stem for p in (CONF_DIR / "clustering").glob("*.yaml") if p.stem != "wordnet")
@@ -144,6 +157,9 @@ def test_cosine_spectral_works_where_sklearn_cosine_affinity_fails():
         ({"n_categories": 1}, "clustering.n_categories"),
         ({"k_range": (1, 4)}, "clustering.k_range"),
         ({"k_range": (5, 3)}, "clustering.k_range"),
+        ({"k_choice": "elbow"}, "clustering.k_choice"),
+        ({"n_references": 0}, "clustering.n_references"),
+        ({"n_references": 2.5}, "clustering.n_references"),
     ],
 )
 def test_bad_k_settings_raise_config_error(kwargs, key):
@@ -181,8 +197,9 @@ def test_an_unknown_clusterer_option_lists_the_options():
 def test_the_k_curve_holds_every_fitted_k_and_its_best_is_the_chosen_fit():
     X, truth = planted()
     factory, normalize = preset_factory("ward")
-    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize)
-    assert sorted(fit.silhouette_by_k) == list(range(2, 9))
+    fit = fit_categories(X, factory, k_range=(2, 8), normalize=normalize, k_choice="silhouette")
+    assert sorted(fit.silhouette_by_k) == sorted(fit.labels_by_k) == list(range(2, 9))
+    assert fit.gap_by_k == {}
     best = max(fit.silhouette_by_k, key=fit.silhouette_by_k.get)
     assert (best, fit.silhouette_by_k[best]) == (fit.k, fit.silhouette) == (4, fit.silhouette)
     assert fit_categories(X, factory, n_categories=3, normalize=normalize).silhouette_by_k == {}

@@ -426,7 +426,7 @@ def test_bad_options_are_config_errors(gpt2, word_tokenizer, tmp_path):
     with pytest.raises(ConfigError, match="corpus.max_tokens"):
         build(SMALL_DOCS, gpt2, tmp_path, window_len=8, max_tokens=4)
     with pytest.raises(ConfigError, match="corpus.prepend_bos"):
-        build(SMALL_DOCS, word_tokenizer, tmp_path, prepend_bos=True)
+        build(SMALL_DOCS, word_tokenizer, tmp_path, prepend_bos="yes")
 
 
 # ----------------------------------------------------------------------------- Hugging Face

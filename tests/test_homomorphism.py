@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 from scipy import stats
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
 from intraneuron.analyses.two_fold.bottomup import cosine_matrix
 from intraneuron.analyses.two_fold.homomorphism import (
     _mantel_null_loop,
+    adjusted_rand,
     mantel_activation_cosine,
     partition_agreement,
 )
@@ -23,16 +24,15 @@ def _tokens(n=30, d=12, seed=0, decimals=None):
     return acts, cosine_matrix(rng.normal(size=(n, d)) + 0.3)
 
 
-def test_partition_agreement_is_sklearn_ari_and_nmi_over_covered_tokens():
+def test_partition_agreement_is_sklearn_ari_and_ami_over_covered_tokens():
     rng = np.random.default_rng(1)
     categories = rng.integers(-1, 4, size=60)  # about a fifth uncovered
     segments = np.where(rng.random(60) < 0.6, categories.clip(0), rng.integers(0, 5, 60))
     covered = categories >= 0
-    ari, nmi = partition_agreement(categories, segments)
+    ari, ami = partition_agreement(categories, segments)
     assert ari == pytest.approx(adjusted_rand_score(categories[covered], segments[covered]))
-    assert nmi == pytest.approx(
-        normalized_mutual_info_score(categories[covered], segments[covered])
-    )
+    assert adjusted_rand(categories, segments) == pytest.approx(ari)  # the K-curve's fast ARI
+    assert ami == pytest.approx(adjusted_mutual_info_score(categories[covered], segments[covered]))
     assert ari != pytest.approx(adjusted_rand_score(categories, segments))  # -1 would change it
 
 
@@ -44,20 +44,25 @@ def test_partition_agreement_of_identical_partitions_is_one_and_undefined_withou
         partition_agreement(labels, labels[:-1])
 
 
+@pytest.mark.parametrize("distance", ["rank", "absolute"])
 @pytest.mark.parametrize("decimals", [None, 1])  # 1 decimal: tied activation distances
-def test_mantel_rho_is_spearman_over_upper_triangle_pairs(decimals):
+def test_mantel_rho_is_spearman_over_upper_triangle_pairs(decimals, distance):
     acts, C = _tokens(decimals=decimals)
     rows, cols = np.triu_indices(acts.size, 1)
-    expected = stats.spearmanr(np.abs(acts[rows] - acts[cols]), 1 - C[rows, cols]).statistic
-    assert mantel_activation_cosine(acts, C, 10).rho == pytest.approx(expected)
+    values = stats.rankdata(acts) if distance == "rank" else acts  # rank: |rank_i - rank_j|
+    expected = stats.spearmanr(np.abs(values[rows] - values[cols]), 1 - C[rows, cols]).statistic
+    assert mantel_activation_cosine(acts, C, 10, distance=distance).rho == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("distance", ["rank", "absolute"])
 @pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
 @pytest.mark.parametrize("decimals", [None, 1])
-def test_vectorised_mantel_null_equals_the_loop_for_the_same_seed(alternative, decimals):
+def test_vectorised_mantel_null_equals_the_loop_for_the_same_seed(alternative, decimals, distance):
     acts, C = _tokens(n=25, seed=2, decimals=decimals)
-    fast = mantel_activation_cosine(acts, C, 120, seed=4, alternative=alternative, batch_size=32)
-    slow = _mantel_null_loop(acts, C, 120, seed=4, alternative=alternative)
+    fast = mantel_activation_cosine(
+        acts, C, 120, seed=4, alternative=alternative, batch_size=32, distance=distance
+    )
+    slow = _mantel_null_loop(acts, C, 120, seed=4, alternative=alternative, distance=distance)
     assert fast.rho == pytest.approx(slow.rho)
     assert fast.p == pytest.approx(slow.p)
     assert fast.null_mean == pytest.approx(slow.null_mean, abs=1e-12)
@@ -80,3 +85,21 @@ def test_mantel_is_undefined_below_three_tokens_and_rejects_zero_permutations():
         mantel_activation_cosine(*_tokens(), n_permutations=0)
     with pytest.raises(ValueError, match="C must be"):
         mantel_activation_cosine(np.arange(4.0), np.eye(3))
+    with pytest.raises(ConfigError, match="analysis.mantel_distance.*rank"):
+        mantel_activation_cosine(*_tokens(), n_permutations=5, distance="euclidean")
+
+
+def test_rank_mantel_sees_a_monotone_neuron_that_a_dense_low_mass_hides_from_raw_distances():
+    # Tokens along one semantic direction (the angle grows with t); the activation rises with t but
+    # stays within a hair of 0 for most tokens (exp(12 t)), as a neuron's dense low-activation mass
+    # does: raw |a_i - a_j| ranks most pairs by noise-sized gaps, |rank_i - rank_j| follows t.
+    rng = np.random.default_rng(7)
+    n = 80
+    t = np.sort(rng.random(n))
+    X = np.c_[np.cos(1.4 * t), np.sin(1.4 * t), 0.05 * rng.normal(size=(n, 6))]
+    acts = np.exp(12 * t) * 1e-4 + 1e-5 * rng.normal(size=n)
+    C = cosine_matrix(X)
+    rank = mantel_activation_cosine(acts, C, 199, seed=0, distance="rank")
+    raw = mantel_activation_cosine(acts, C, 199, seed=0, distance="absolute")
+    assert rank.rho > 0.5 and rank.p < 0.01
+    assert raw.rho < rank.rho - 0.2

@@ -75,7 +75,10 @@ def pairs(entries: list[dict] | None) -> dict[str, str]:
 def store(tmp_path_factory) -> Path:
     """The `store/` folder (mlflow.db, artifacts/) of one ward-vs-kmeans sweep on layer 0."""
     cwd = tmp_path_factory.mktemp("server_sweep")
-    done = launch(cwd, "--multirun", "clustering=ward,kmeans", f"layer={LAYER}", base=BASE)
+    # a random tiny model has no categories (gap: K = 1) and weakly selective neurons: K >= 2 by
+    # silhouette and no selectivity floor give every card its category figures
+    done = launch(cwd, "--multirun", "clustering=ward,kmeans", "clustering.k_choice=silhouette",
+                  "core_tokens.min_selectivity=0", f"layer={LAYER}", base=BASE)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cwd / "store" / "mlflow.db").is_file() and (cwd / "store" / "artifacts").is_dir()
     return cwd / "store"

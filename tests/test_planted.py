@@ -24,7 +24,9 @@ from intraneuron.analyses.two_fold.neuron import ROW_KEYS, analyse_neuron
 
 ALPHA = 0.05
 N_CATEGORIES, PER_CATEGORY, D = 4, 25, 64
-FAST = {"n_permutations": 199, "n_mantel_permutations": 199}
+# max_permutations = n_permutations: a fixed P, no sequential stages for the top segment
+# (those are tested in tests/test_adaptive_permutations.py)
+FAST = {"n_permutations": 199, "max_permutations": 199, "n_mantel_permutations": 199}
 
 
 def _vectors(rng):
@@ -102,7 +104,7 @@ def test_planted_segments_agree_with_the_categories_as_far_as_their_sizes_allow(
 def test_planted_with_one_segment_per_category_gives_ari_one():
     acts, X, _ = planted_neuron(0)
     row = analyse_neuron(acts, X, n_segments=N_CATEGORIES, seed=0, **FAST).row
-    assert row["ari"] == 1.0 and row["nmi"] == 1.0
+    assert row["ari"] == 1.0 and row["ami"] == 1.0
 
 
 def test_only_a_homogeneous_top_is_found_when_the_rest_is_unstructured():

@@ -216,7 +216,8 @@ def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(run
 
     checkpoint = tiny_gpt2(tmp_path / "static-checkpoint")
     summary, client = run_job(*TINY, "model=tiny-llama", "layer=1", "embedding=gpt2_xl_static",
-                              f"embedding.checkpoint={checkpoint}", f"embedding.tokenizer={checkpoint}")  # fmt: skip
+                              f"embedding.checkpoint={checkpoint}", f"embedding.tokenizer={checkpoint}",
+                              "core_tokens.min_selectivity=0")  # every neuron analysed fmt: skip
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["embedding.source"] == "static"

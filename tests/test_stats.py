@@ -11,6 +11,7 @@ from scipy import stats as sps
 from intraneuron.errors import ConfigError
 from intraneuron.extraction import (
     ALL_STATS,
+    DEFAULT_STATS,
     STAT_NAMES,
     CombinedStat,
     ExtractionConfig,
@@ -147,10 +148,14 @@ def test_rebuilt_type_table_grows_to_the_other_shards_vocabulary(data):
     assert_states(small.state_dict(), feed(TokenTypeTable(V, D), acts, ids, None).state_dict())
 
 
+# every stat CombinedStat builds alone (pseudo_neurons needs a model: tests/test_extraction_pseudo.py)
+BUILDABLE = ALL_STATS - {"pseudo_neurons"}
+
+
 def test_combined_stat_keys_are_disjoint_and_prefixed(data):
     acts, resid, ids, pos = data
-    combined = CombinedStat.build(ALL_STATS, d_mlp=D, d_model=M, vocab_size=V, config=CONFIG)
-    combined.add(acts, resid, ids, pos)
+    combined = CombinedStat.build(BUILDABLE, d_mlp=D, d_model=M, vocab_size=V, config=CONFIG)
+    combined.add(acts, resid, ids, pos, pos // 8)
     state = combined.state_dict()
     per_stat = {name: stat.state_dict(PREFIXES[name]) for name, stat in combined.stats.items()}
     # the regression: the layer-input table once wrote type_ids / type_count over the neurons'
@@ -167,16 +172,17 @@ def test_combined_stat_keys_are_disjoint_and_prefixed(data):
 def test_combined_stat_merges_and_round_trips(data):
     acts, resid, ids, pos = data
 
-    def build(spec=ALL_STATS):
+    def build(spec=BUILDABLE):
         return CombinedStat.build(spec, d_mlp=D, d_model=M, vocab_size=V, config=CONFIG)
 
+    win = pos // 8
     whole = build()
-    whole.add(acts, resid, ids, pos)
+    whole.add(acts, resid, ids, pos, win)
     left, right = build(), build()
-    left.add(acts[:137], resid[:137], ids[:137], pos[:137])
-    right.add(acts[137:], resid[137:], ids[137:], pos[137:])
+    left.add(acts[:137], resid[:137], ids[:137], pos[:137], win[:137])
+    right.add(acts[137:], resid[137:], ids[137:], pos[137:], win[137:])
     rebuilt = CombinedStat.load_state_dict(left.state_dict())
-    assert rebuilt.spec == tuple(sorted(ALL_STATS))
+    assert rebuilt.spec == tuple(sorted(BUILDABLE))
     rebuilt.merge(right)
     assert_states(rebuilt.state_dict(), whole.state_dict())
 
@@ -188,9 +194,10 @@ def test_combined_stat_merges_and_round_trips(data):
 
 
 def test_stat_names_and_spec_checks():
-    assert STAT_NAMES == ("topk", "token_types", "moments", "histogram", "input_token_types")
+    assert STAT_NAMES[:5] == ("topk", "token_types", "moments", "histogram", "input_token_types")
+    assert set(STAT_NAMES[5:]) == {"fold_token_types", "pseudo_neurons"}
     assert resolve_stats(["moments", "topk", "moments"], CONFIG) == ("moments", "topk")
-    assert resolve_stats(None, CONFIG) == tuple(sorted(STAT_NAMES))
+    assert resolve_stats(None, CONFIG) == tuple(sorted(DEFAULT_STATS)) == tuple(sorted(STAT_NAMES[:5]))
     no_input = dataclasses.replace(CONFIG, input_site=None)
     assert "input_token_types" not in resolve_stats(None, no_input)
     with pytest.raises(ConfigError) as err:
@@ -206,7 +213,7 @@ def test_cache_key_follows_the_spec(tiny_gpt2, small_windows):
 
     assert key(["topk", "moments"]) == key(["moments", "topk"]) == key(("topk", "moments", "topk"))
     assert key(["topk", "moments"]) != key(["topk", "moments", "histogram"])
-    assert key(None) == key(STAT_NAMES) != key(["topk"])
+    assert key(None) == key(DEFAULT_STATS) != key(["topk"])
     # a setting only another stat reads does not split the cache
     assert key(["moments"]) == key(["moments"], dataclasses.replace(CONFIG, top_k=K + 1))
     assert key(["topk"]) != key(["topk"], dataclasses.replace(CONFIG, top_k=K + 1))

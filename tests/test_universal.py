@@ -115,8 +115,9 @@ def test_streamed_correlations_equal_brute_force_on_the_full_activations(run_job
                               "analysis.drop_tokens=[]", "analysis.top_k=3")  # fmt: skip
     a, b = load_model(str(reference_dir)), load_model(str(directory))
     ids = np.asarray(CorpusConfig(name="tiny", source="gutenberg", window_len=64, max_tokens=8192).windows(a.tokenizer).ids)
-    acts_a = window_activations(a, ids, 1, "mlp.hook_post", np.arange(a.d_mlp)).reshape(-1, a.d_mlp)
-    acts_b = np.concatenate([window_activations(b, ids, l, "mlp.hook_post", np.arange(b.d_mlp)).reshape(-1, b.d_mlp)
+    # position 0 (BOS, the attention sink) is skipped by the pass (extraction.skip_first_positions=1)
+    acts_a = window_activations(a, ids, 1, "mlp.hook_post", np.arange(a.d_mlp))[:, 1:].reshape(-1, a.d_mlp)
+    acts_b = np.concatenate([window_activations(b, ids, l, "mlp.hook_post", np.arange(b.d_mlp))[:, 1:].reshape(-1, b.d_mlp)
                              for l in range(3)], axis=1)  # [N, 3 * D] fmt: skip
     full = np.corrcoef(acts_a.T.astype(np.float64), acts_b.T.astype(np.float64))[: a.d_mlp, a.d_mlp :]  # [D, 3D]
     table = neurons(client, summary.run_id, 1)
@@ -141,7 +142,8 @@ def test_moments_in_the_table_equal_scipy_on_the_full_activations(run_job, refer
                               "analysis.baseline=none")  # fmt: skip
     a = load_model(str(reference_dir))
     ids = np.asarray(CorpusConfig(name="tiny", source="gutenberg", window_len=64, max_tokens=8192).windows(a.tokenizer).ids)
-    acts = window_activations(a, ids, 0, "mlp.hook_post", np.arange(a.d_mlp)).reshape(-1, a.d_mlp).astype(np.float64)
+    acts = window_activations(a, ids, 0, "mlp.hook_post", np.arange(a.d_mlp))[:, 1:]  # position 0 is skipped
+    acts = acts.reshape(-1, a.d_mlp).astype(np.float64)
     table = neurons(client, summary.run_id, 0)
     np.testing.assert_allclose(table["skew"], stats.skew(acts, axis=0), rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(table["kurtosis"], stats.kurtosis(acts, axis=0, fisher=False), rtol=1e-3)

@@ -106,7 +106,8 @@ def test_label_tokens_handles_markers_case_and_inflections(wordnet_files):
     tokens = ["Ġdog", "dogs", " ran", "▁Apples", "women", "cities", "went", "was", "ice cream"]
     expected = ["noun.animal", "noun.animal", "verb.motion", "noun.food", "noun.person",
                 "noun.location", "verb.motion", "verb.stative", "noun.food"]  # fmt: skip
-    labels, names, coverage = label_tokens(tokens)
+    # stop_words=False: "was" is a function word, which the default leaves without a supersense
+    labels, names, coverage = label_tokens(tokens, stop_words=False)
     assert names == list(LEXNAMES)
     assert [names[i] for i in labels] == expected
     assert coverage == 1.0
@@ -177,3 +178,29 @@ def test_mini_wordnet_without_counts_uses_pos_order(tmp_path):
     root = _write_mini_wordnet(tmp_path, "")
     (root / "cntlist.rev").unlink()
     assert load_supersenses(root)["fly"] == "noun.animal"
+
+
+def test_function_words_and_single_characters_get_no_supersense_unless_asked(wordnet_files):
+    tokens = ["Ġthe", "Ġand", "Ġa", "Ġwas", "Ġof", "x", "Ġdog", "Ġbread", "Ġwalked"]
+    labels, names, coverage = label_tokens(tokens)
+    assert (labels[:6] == -1).all() and (labels[6:] >= 0).all()
+    assert coverage == pytest.approx(3 / 9)
+    loose, _, _ = label_tokens(tokens, stop_words=False)
+    # WordNet itself has senses for most of them (the point of the stop list)
+    assert (loose[[2, 3, 5]] >= 0).all() and (loose[6:] == labels[6:]).all()
+    assert names[loose[3]] == "verb.stative"
+
+
+def test_the_wordnet_option_applies_the_stop_list_and_can_turn_it_off(wordnet_files):
+    from intraneuron.analyses.two_fold.clustering import ClusteringConfig
+    from intraneuron.errors import ConfigError
+
+    texts = ["Ġthe", "Ġdog", "Ġwas"]
+    config = ClusteringConfig.from_option("wordnet")
+    assert config.stop_words is True
+    assert config.labeller(texts)(np.arange(3)).tolist()[::2] == [-1, -1]
+    config.stop_words = False
+    assert config.labeller(texts)(np.arange(3))[2] >= 0
+    config.stop_words = "yes"
+    with pytest.raises(ConfigError, match="clustering.stop_words"):
+        config.validate()

@@ -11,6 +11,11 @@ Debian `wordnet-base` files directly (no NLTK):
   decide: the part of speech whose most frequent sense has the larger count wins; ties (most
   lemmas have no tagged sense at all) go to noun, then verb, adjective, adverb.
 Multi-word lemmas are spelled with "_" (ice_cream), as in WordNet.
+
+Function words get no supersense by default: WordNet files "the", "and", "a" under noun or adverb
+senses (noun.Tops for "a", ...), which would make stop words a category of their own.
+`is_function_word`: scikit-learn's ENGLISH_STOP_WORDS (318 words; like every stop list it also
+holds a few content words: "fire", "bill", "system", "interest"...) plus every single character.
 """
 
 from __future__ import annotations
@@ -51,6 +56,14 @@ _SUFFIX_RULES = {
     "a": (("er", ""), ("est", ""), ("er", "e"), ("est", "e")),
     "r": (),
 }  # fmt: skip
+
+
+def is_function_word(word: str) -> bool:
+    """A normalised word (see `normalise_token`) in the stop list, or a single character."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return len(word) == 1 or word in ENGLISH_STOP_WORDS
+
 
 _LEADING_MARKERS = re.compile(r"^[\sĠ▁]+")  # byte-level "Ġ", SentencePiece "▁", plain spaces
 
@@ -186,12 +199,13 @@ def supersense_of_form(word: str, lexicon: _Lexicon) -> int | None:
 
 
 def label_tokens(
-    token_strings: Sequence[str], directory: Path | None = None
+    token_strings: Sequence[str], directory: Path | None = None, stop_words: bool = True
 ) -> tuple[np.ndarray, list[str], float]:
     """Supersense label of each token string.
 
-    Returns (labels [n] int, index into `names`, -1 = not in WordNet; names = the 45 LEXNAMES;
-    coverage = fraction of tokens labelled).
+    Returns (labels [n] int, index into `names`, -1 = not in WordNet, or a function word
+    (`is_function_word`) when stop_words; names = the 45 LEXNAMES; coverage = fraction of tokens
+    labelled).
     """
     lexicon = _read_lexicon(directory or wordnet_dir())
     cache: dict[str, int] = {}
@@ -199,7 +213,9 @@ def label_tokens(
     for k, token in enumerate(token_strings):
         word = normalise_token(token)
         if word not in cache:
-            lexnum = supersense_of_form(word, lexicon) if word else None
+            lexnum = None
+            if word and not (stop_words and is_function_word(word)):
+                lexnum = supersense_of_form(word, lexicon)
             cache[word] = -1 if lexnum is None else lexnum
         labels[k] = cache[word]
     coverage = float((labels >= 0).mean()) if len(labels) else 0.0

@@ -13,6 +13,7 @@ from intraneuron.corpus.sources import (
 )
 from intraneuron.corpus.windows import (
     TokenWindows,
+    bos_token_id,
     build_windows,
     decode_context,
     text_sha256,
@@ -25,6 +26,7 @@ __all__ = [
     "SOURCES",
     "TokenWindows",
     "austen",
+    "bos_token_id",
     "build_windows",
     "decode_context",
     "gutenberg",

@@ -15,12 +15,14 @@ class CorpusConfig:
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the source
     window_len: int = 128
     max_tokens: int | None = None
-    prepend_bos: bool = False
+    prepend_bos: bool = True  # every window starts with BOS (the attention sink; see corpus/windows.py)
 
     def validate(self) -> None:
         """Checks that need no tokenizer, including that local files exist and can be read."""
         from intraneuron.corpus.sources import check_source
 
+        if not isinstance(self.prepend_bos, bool):
+            raise ConfigError("corpus.prepend_bos", self.prepend_bos, "true or false")
         if self.window_len < 1 + self.prepend_bos:
             raise ConfigError("corpus.window_len", self.window_len, f"an integer >= {1 + self.prepend_bos}")
         if self.max_tokens is not None and self.max_tokens < self.window_len:

@@ -2,8 +2,12 @@
 
 The token stream is every document's tokens (no special tokens added), with the tokenizer's EOS
 (else SEP) id between consecutive documents; it is cut into windows of `window_len` and the
-remainder is dropped. With `prepend_bos`, each window is [BOS] + the next `window_len - 1` stream
-tokens. Documents that tokenise to nothing are skipped (no double separators).
+remainder is dropped. With `prepend_bos` (the config default), each window is [BOS] + the next
+`window_len - 1` stream tokens, so position 0 is always the same token (the attention sink, which
+extraction skips) and no window starts mid-context with a random token as its sink. The BOS is the
+tokenizer's BOS (GPT-2-style tokenizers define it as <|endoftext|>, = EOS); a tokenizer without one
+(BERT's WordPiece) gets no BOS and the windows prepend_bos=false gives. Documents that tokenise to
+nothing are skipped (no double separators).
 
 Cache layout: `<cache_root>/corpus/<key>/{tokens.npy, manifest.json}`, where the key hashes everything
 that changes the ids (source description, tokenizer fingerprint, window_len, max_tokens, prepend_bos).
@@ -153,6 +157,12 @@ def _token_stream(
                 return
 
 
+def bos_token_id(tokenizer) -> int | None:
+    """The id windows start with under prepend_bos, or None when the tokenizer has no BOS."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return None if bos is None else int(bos)
+
+
 def _write_windows(
     stream: Iterator[np.ndarray],
     raw_path: Path,
@@ -194,6 +204,8 @@ def _write_windows(
                 flush(out)
         flush(out)
     content.update(f"window_len={window_len}".encode())
+    if bos_id is not None:  # (absent without BOS: hashes of windows built before the option stay valid)
+        content.update(f"bos={bos_id}".encode())
     return n_windows, n_stream, content.hexdigest()
 
 
@@ -227,7 +239,10 @@ def _load_verified(entry: Path) -> TokenWindows | None:
 
 def _check_options(tokenizer, window_len, max_tokens, prepend_bos) -> tuple[int, int | None]:
     """Validate before any tokenisation; returns (separator id, BOS id or None)."""
-    min_len = 2 if prepend_bos else 1
+    if not isinstance(prepend_bos, bool):
+        raise ConfigError("corpus.prepend_bos", prepend_bos, "true or false")
+    bos_id = bos_token_id(tokenizer) if prepend_bos else None
+    min_len = 2 if bos_id is not None else 1
     if isinstance(window_len, bool) or not isinstance(window_len, int) or window_len < min_len:
         raise ConfigError("corpus.window_len", window_len, f"an integer >= {min_len}")
     if max_tokens is not None and (
@@ -236,13 +251,8 @@ def _check_options(tokenizer, window_len, max_tokens, prepend_bos) -> tuple[int,
         raise ConfigError(
             "corpus.max_tokens", max_tokens, f"null or an integer >= window_len={window_len}"
         )
-    bos_id = None
-    if prepend_bos:
-        bos_id = tokenizer.bos_token_id
-        if bos_id is None:
-            raise ConfigError(
-                "corpus.prepend_bos", True, f"false: {type(tokenizer).__name__} has no BOS token"
-            )
+    if prepend_bos and bos_id is None:
+        log.info("corpus.prepend_bos: %s has no BOS token; windows start without one", type(tokenizer).__name__)
     separator_id = tokenizer.eos_token_id
     if separator_id is None:
         separator_id = tokenizer.sep_token_id
@@ -261,7 +271,7 @@ def build_windows(
     *,
     window_len: int,
     max_tokens: int | None = None,
-    prepend_bos: bool = False,
+    prepend_bos: bool = False,  # (CorpusConfig's default is true)
     cache_root: Path | None = None,
     source_key: str,
 ) -> TokenWindows:
@@ -278,7 +288,7 @@ def build_windows(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "window_len": window_len,
         "max_tokens": max_tokens,
-        "prepend_bos": prepend_bos,
+        "prepend_bos": bos_id is not None,  # what was done: true without a BOS builds plain windows
     }
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:32]
     entry = Path(cache_root if cache_root is not None else cache_dir()) / "corpus" / key
@@ -295,7 +305,7 @@ def build_windows(
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=entry.parent))
     try:
         started = time.perf_counter()
-        step = window_len - prepend_bos
+        step = window_len - (bos_id is not None)
         max_windows = None if max_tokens is None else max_tokens // window_len
         limit = None if max_windows is None else max_windows * step
         stream = _token_stream(documents, tokenizer, separator_id, limit)

@@ -17,14 +17,29 @@ class EmbeddingConfig:
     revision: str | None = None  # static
     local_files_only: bool = False  # static
     site: str | None = None  # layer_input: the extraction's input site
+    # Remove each neuron's own read-in directions from its core tokens' vectors (the geometry
+    # control): a neuron that reads direction w ranks tokens by x.w, which alone makes its top
+    # tokens similar. Defined only for vectors in the analysed model's residual space.
+    project_read_in: bool = True
 
     def validate(self) -> None:
         from intraneuron.embeddings.sources import MULTI_TOKEN_POLICIES, SOURCE_KINDS
 
         if self.source not in SOURCE_KINDS:
             raise ConfigError("embedding.source", self.source, SOURCE_KINDS)
+        if self.project_read_in and not self.in_model_space:
+            raise ConfigError(
+                "embedding.project_read_in", True,
+                "false with embedding.source=static: another model's vectors do not live in the space "
+                "the neuron reads (the pseudo-neuron null, extraction.pseudo_neurons, still controls geometry)",
+            )
         if self.multi_token not in MULTI_TOKEN_POLICIES:
             raise ConfigError("embedding.multi_token", self.multi_token, MULTI_TOKEN_POLICIES)
+
+    @property
+    def in_model_space(self) -> bool:
+        """True when the vectors live in the analysed model's residual stream (model_input, layer_input)."""
+        return self.source != "static"
 
     @property
     def per_layer(self) -> bool:

@@ -14,16 +14,20 @@ _SOURCES = {
     "extract_profiles": "engine",
     "profile_key_fields": "engine",
     "ALL_STATS": "stats",
+    "DEFAULT_STATS": "stats",
     "STAT_NAMES": "stats",
     "CombinedStat": "stats",
     "Stat": "reducers",
     "Patch": "patching",
+    "PseudoNeurons": "pseudo",
+    "PseudoReadIn": "pseudo",
+    "pseudo_read_in": "pseudo",
     "patch_sites": "patching",
 }
 
 __all__ = [
-    "ALL_STATS", "STAT_NAMES", "ActivationProfile", "CombinedStat", "ExtractionConfig", "Patch", "Stat",
-    "extract_profiles", "patch_sites", "profile_key_fields",
+    "ALL_STATS", "DEFAULT_STATS", "STAT_NAMES", "ActivationProfile", "CombinedStat", "ExtractionConfig", "Patch", "PseudoNeurons",
+    "PseudoReadIn", "Stat", "extract_profiles", "patch_sites", "profile_key_fields", "pseudo_read_in",
 ]
 
 if TYPE_CHECKING:
@@ -31,8 +35,9 @@ if TYPE_CHECKING:
     from intraneuron.extraction.engine import extract_profiles, profile_key_fields
     from intraneuron.extraction.patching import Patch, patch_sites
     from intraneuron.extraction.profile import ActivationProfile
+    from intraneuron.extraction.pseudo import PseudoNeurons, PseudoReadIn, pseudo_read_in
     from intraneuron.extraction.reducers import Stat
-    from intraneuron.extraction.stats import ALL_STATS, STAT_NAMES, CombinedStat
+    from intraneuron.extraction.stats import ALL_STATS, DEFAULT_STATS, STAT_NAMES, CombinedStat
 
 
 def __getattr__(name: str):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from intraneuron.errors import ConfigError
 
 NEURON_SITES = ("mlp.hook_post", "mlp.hook_pre")
-INPUT_SITES = ("hook_resid_pre", None)
+INPUT_SITES = ("hook_resid_pre", "hook_resid_mid", None)
 # Fields that say how to run, not what to compute: they never enter a cache key.
 HOW_FIELDS = ("batch_size", "device", "progress")
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
@@ -23,12 +23,17 @@ _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 class ExtractionConfig:
     top_k: int = 100  # occurrences kept per neuron
     site: str = "mlp.hook_post"  # neuron site inside block l (TransformerLens naming)
-    input_site: str | None = "hook_resid_pre"  # layer input, summed per token type; None = skip
+    # layer input summed per token type; None = skip. hook_resid_mid (what the MLP's norm reads)
+    # is conf/extraction/default.yaml's default; the schema keeps the old one for direct callers.
+    input_site: str | None = "hook_resid_pre"
     track_type_max: bool = True
     hist_min: float = -10.0
     hist_max: float = 10.0
     hist_bins: int = 200
-    skip_first_positions: int = 0  # window positions excluded from all statistics
+    skip_first_positions: int = 0  # window positions excluded from all statistics (yaml default 1:
+    # position 0 is BOS, the attention sink, whose activations say nothing about the token)
+    pseudo_neurons: int = 256  # random read-in directions per layer (stat "pseudo_neurons"; 0 = none)
+    pseudo_seed: int = 0
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
@@ -54,6 +59,8 @@ class ExtractionConfig:
             raise ConfigError("extraction.hist_min", self.hist_min, f"< hist_max ({self.hist_max})")
         _integer("hist_bins", self.hist_bins, 1)
         _integer("skip_first_positions", self.skip_first_positions, 0)
+        _integer("pseudo_neurons", self.pseudo_neurons, 0)
+        _integer("pseudo_seed", self.pseudo_seed, 0)
         _integer("batch_size", self.batch_size, 1)
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError("extraction.device", self.device, 'a torch device such as "cpu" or "cuda:0"')

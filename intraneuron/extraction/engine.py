@@ -21,6 +21,7 @@ from intraneuron.extraction.cache import ProfileCache, cache_key
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.hooks import capture_sites, run_until_captured
 from intraneuron.extraction.profile import ActivationProfile
+from intraneuron.extraction.pseudo import PseudoNeurons
 from intraneuron.extraction.stats import CombinedStat, resolve_stats, stat_key_fields
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ def extract_profiles(
 ) -> dict[int, ActivationProfile]:
     """Profiles for `layers`, from the cache where possible, else from one shared forward pass.
 
-    `stats` is a spec of names from STAT_NAMES; None keeps every stat the settings allow (all five,
-    or all but "input_token_types" when `settings.input_site` is None).
+    `stats` is a spec of names from STAT_NAMES; None keeps the five default stats the settings allow
+    (all but "input_token_types" when `settings.input_site` is None); "fold_token_types" and
+    "pseudo_neurons" only when named.
 
     `on_progress(tokens_done, tokens_total)`, if given, is called during the forward pass at most
     once every PROGRESS_CALLBACK_SECONDS, and once at the end with tokens_done == tokens_total
@@ -69,8 +71,10 @@ def extract_profiles(
     """
     settings.validate()
     spec = resolve_stats(stats, settings)
-    for layer in layers:  # fail on a bad layer before any forward pass
+    for layer in layers:  # fail on a bad layer or site before any forward pass
         handle.site(f"blocks.{layer}.{settings.site}")
+        if "input_token_types" in spec:
+            handle.site(f"blocks.{layer}.{settings.input_site}")
     fields = {l: profile_key_fields(handle, windows, l, settings, spec) for l in layers}
     keys = {l: cache_key(fields[l]) for l in layers}
     profiles = {}
@@ -99,16 +103,22 @@ def _run_pass(
     if skip >= T:
         raise ConfigError("extraction.skip_first_positions", skip, f"< window_len ({T})")
     d_mlp, d_model = handle.d_mlp, handle.d_model
-    reducers = {
-        l: CombinedStat.build(
-            spec, d_mlp=d_mlp, d_model=d_model, vocab_size=handle.vocab_size, config=settings, device=device
+
+    def build(layer: int) -> CombinedStat:
+        pseudo = PseudoNeurons.build(handle, layer, spec, settings, device) if "pseudo_neurons" in spec else None
+        return CombinedStat.build(
+            spec, d_mlp=d_mlp, d_model=d_model, vocab_size=handle.vocab_size, config=settings, device=device,
+            pseudo=pseudo,
         )
-        for l in layers
-    }
+
+    reducers = {l: build(l) for l in layers}
     probe = reducers[layers[0]]
     neuron_sites = {l: handle.site(f"blocks.{l}.{settings.site}") for l in layers} if probe.reads_neurons else {}
     input_sites = (
         {l: handle.site(f"blocks.{l}.{settings.input_site}") for l in layers} if probe.reads_input else {}
+    )
+    mlp_in_sites = (
+        {l: handle.site(f"blocks.{l}.ln2.hook_normalized") for l in layers} if probe.reads_mlp_input else {}
     )
 
     ids = windows.ids  # [W, T] memmap
@@ -119,7 +129,7 @@ def _run_pass(
         total=n_windows * kept_per_window, unit="tok", unit_scale=True, disable=not settings.progress,
         desc=f"extract layers {layers}", mininterval=progress_interval(),
     )
-    sites = list(neuron_sites.values()) + list(input_sites.values())
+    sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
     tokens_total, tokens_done = n_windows * kept_per_window, 0
     last_report = time.monotonic()
     with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
@@ -131,6 +141,7 @@ def _run_pass(
             token_ids = batch[:, skip:].reshape(-1)  # [N = B * (T - skip)]
             window_idx = torch.arange(start, start + B, device=device)
             positions = (window_idx[:, None] * T + pos_in_window[None, :]).reshape(-1)  # [N]
+            token_windows = window_idx.repeat_interleave(T - skip)  # [N]
             for layer in layers:
                 acts = (
                     captured[neuron_sites[layer].name][:, skip:].reshape(-1, d_mlp) if neuron_sites else None
@@ -138,7 +149,10 @@ def _run_pass(
                 resid = (
                     captured[input_sites[layer].name][:, skip:].reshape(-1, d_model) if input_sites else None
                 )  # [N, d_model]
-                reducers[layer].add(acts, resid, token_ids, positions)
+                mlp_in = (
+                    captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model) if mlp_in_sites else None
+                )  # [N, d_model]
+                reducers[layer].add(acts, resid, token_ids, positions, token_windows, mlp_in)
             bar.update(token_ids.numel())
             tokens_done += token_ids.numel()
             if on_progress is not None and tokens_done < tokens_total:
@@ -152,10 +166,11 @@ def _run_pass(
     profiles = {}
     for layer in layers:
         tensors = {k: v.cpu() for k, v in reducers[layer].state_dict().items()}
-        if "topk_positions" in tensors:
-            tensors["topk_token_ids"] = torch.from_numpy(
-                flat_ids[tensors["topk_positions"].clamp_min(0).numpy()].astype(np.int64)
-            )  # [D, K]
+        for p in ("", "pseudo."):
+            if f"{p}topk_positions" in tensors:
+                tensors[f"{p}topk_token_ids"] = torch.from_numpy(
+                    flat_ids[tensors[f"{p}topk_positions"].clamp_min(0).numpy()].astype(np.int64)
+                )  # [D, K]
         profiles[layer] = ActivationProfile(
             layer=layer,
             site=f"blocks.{layer}.{settings.site}",

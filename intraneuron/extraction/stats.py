@@ -9,6 +9,14 @@ union of the stats' `state_dict`s never has two stats writing one key:
                        act_frac_positive [D]
     histogram          hist_edges [B + 1], hist_counts [D, B + 2]
     input_token_types  resid_ids, resid_count [T], resid_mean [T, M]  (needs extraction.input_site)
+    fold_token_types   fold_ids, fold_count [F], fold_mean, fold_max [F, D]: a token-type table keyed
+                       by token_id * 2 + window % 2, so even and odd windows are two halves of the
+                       corpus (select on one, measure on the other); see ActivationProfile.split_type_stats
+    pseudo_neurons     pseudo.<every key above of the spec's neuron stats> for random read-in
+                       directions through the layer's own nonlinearity (extraction/pseudo.py), plus
+                       pseudo.source_neurons, pseudo.rotation_seed and the calibration constants
+
+The last two are computed only when requested (None, "everything", keeps the first five).
 """
 
 from __future__ import annotations
@@ -21,30 +29,39 @@ from intraneuron.errors import ConfigError
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.reducers import Histogram, Moments, Stat, State, TokenTypeTable, TopK
 
-STAT_NAMES = ("topk", "token_types", "moments", "histogram", "input_token_types")
+STAT_NAMES = (
+    "topk", "token_types", "moments", "histogram", "input_token_types", "fold_token_types", "pseudo_neurons",
+)
 ALL_STATS = frozenset(STAT_NAMES)
-NEURON_STATS = frozenset(STAT_NAMES[:4])  # read the neuron site; the last reads the layer input
+DEFAULT_STATS = frozenset(STAT_NAMES[:5])  # what stats=None means: the expensive extras on request only
+# per-column stats of neuron activations: read the neuron site (and are what pseudo-neurons get too)
+NEURON_STATS = frozenset({"topk", "token_types", "moments", "histogram", "fold_token_types"})
 PREFIXES = {
     "topk": "topk", "token_types": "type", "moments": "act", "histogram": "hist", "input_token_types": "resid",
+    "fold_token_types": "fold", "pseudo_neurons": "pseudo",
 }
 _CLASSES: dict[str, type[Stat]] = {
     "topk": TopK, "token_types": TokenTypeTable, "moments": Moments, "histogram": Histogram,
-    "input_token_types": TokenTypeTable,
+    "input_token_types": TokenTypeTable, "fold_token_types": TokenTypeTable,
 }
-# Config fields that change only the named stat's numbers: a spec without it leaves them out of
-# the cache key, so e.g. two top_k values share a moments-only entry.
+# Config fields that change only the named stats' numbers: a spec with none of a field's stats
+# leaves it out of the cache key, so e.g. two top_k values share a moments-only entry.
 FIELDS_OF = {
     "topk": ("top_k",),
     "token_types": ("track_type_max",),
+    "fold_token_types": ("track_type_max",),
     "histogram": ("hist_min", "hist_max", "hist_bins"),
     "input_token_types": ("input_site",),
+    "pseudo_neurons": ("pseudo_neurons", "pseudo_seed"),
 }
 
 
 def resolve_stats(stats: Iterable[str] | None, config: ExtractionConfig) -> tuple[str, ...]:
     """A spec as a sorted tuple, checked; None means everything the config can extract."""
     if stats is None:
-        return tuple(sorted(ALL_STATS if config.input_site is not None else ALL_STATS - {"input_token_types"}))
+        return tuple(
+            sorted(DEFAULT_STATS if config.input_site is not None else DEFAULT_STATS - {"input_token_types"})
+        )
     if isinstance(stats, str):  # a bare name would iterate as letters
         stats = (stats,)
     spec = tuple(sorted(set(stats)))
@@ -53,7 +70,18 @@ def resolve_stats(stats: Iterable[str] | None, config: ExtractionConfig) -> tupl
         raise ValueError(f"stats={unknown or list(spec)}: expected names from {STAT_NAMES}")
     if "input_token_types" in spec and config.input_site is None:
         raise ConfigError(
-            "extraction.input_site", None, "'hook_resid_pre' when the stat 'input_token_types' is requested"
+            "extraction.input_site", None,
+            "'hook_resid_pre' or 'hook_resid_mid' when the stat 'input_token_types' is requested",
+        )
+    if "pseudo_neurons" in spec and config.pseudo_neurons < 1:
+        raise ConfigError(
+            "extraction.pseudo_neurons", config.pseudo_neurons,
+            "an integer >= 1 when the stat 'pseudo_neurons' is requested",
+        )
+    if "pseudo_neurons" in spec and not NEURON_STATS.intersection(spec):
+        raise ValueError(
+            f"stats={list(spec)}: 'pseudo_neurons' needs a neuron stat to apply to the pseudo-neurons, "
+            f"one of {sorted(NEURON_STATS)}"
         )
     return spec
 
@@ -62,10 +90,11 @@ def stat_key_fields(spec: Iterable[str], config: ExtractionConfig) -> dict:
     """The config fields that change this spec's numbers, plus the spec itself."""
     spec = sorted(spec)
     fields = config.key_fields()
-    for name, owned in FIELDS_OF.items():
-        if name not in spec:
-            for field in owned:
-                fields.pop(field)
+    kept = {field for name in spec for field in FIELDS_OF.get(name, ())}
+    for owned in FIELDS_OF.values():
+        for field in owned:
+            if field not in kept:
+                fields.pop(field, None)
     if not NEURON_STATS.intersection(spec):
         fields.pop("site")
     return {**fields, "stats": spec}
@@ -75,6 +104,8 @@ class CombinedStat:
     """The stats of one layer: `add` routes each tensor to the stats that read it."""
 
     def __init__(self, stats: Mapping[str, Stat]):
+        """`stats["pseudo_neurons"]` is an extraction.pseudo.PseudoNeurons (it holds its own
+        CombinedStat over the pseudo columns)."""
         unknown = set(stats) - ALL_STATS
         if unknown:
             raise ValueError(f"unknown stats {sorted(unknown)}; expected names from {STAT_NAMES}")
@@ -83,9 +114,13 @@ class CombinedStat:
     @classmethod
     def build(
         cls, spec: Iterable[str], *, d_mlp: int, d_model: int, vocab_size: int,
-        config: ExtractionConfig, device: torch.device | str = "cpu",
+        config: ExtractionConfig, device: torch.device | str = "cpu", pseudo: Stat | None = None,
     ) -> CombinedStat:
+        """`pseudo` (a PseudoNeurons, built from the model's weights) is required when the spec has
+        "pseudo_neurons"; everything else is built here."""
         spec = resolve_stats(spec, config)
+        if "pseudo_neurons" in spec and pseudo is None:
+            raise ValueError("the stat 'pseudo_neurons' needs the model: pass pseudo=PseudoNeurons(...)")
         makers = {
             "topk": lambda: TopK(config.top_k, d_mlp, device),
             "token_types": lambda: TokenTypeTable(vocab_size, d_mlp, device, track_max=config.track_type_max),
@@ -94,6 +129,11 @@ class CombinedStat:
                 torch.linspace(config.hist_min, config.hist_max, config.hist_bins + 1), d_mlp, device
             ),
             "input_token_types": lambda: TokenTypeTable(vocab_size, d_model, device, track_max=False),
+            # key token_id * 2 + window % 2: [2V] rows
+            "fold_token_types": lambda: TokenTypeTable(
+                2 * vocab_size, d_mlp, device, track_max=config.track_type_max
+            ),
+            "pseudo_neurons": lambda: pseudo,
         }
         return cls({name: makers[name]() for name in spec})
 
@@ -109,13 +149,27 @@ class CombinedStat:
     def reads_input(self) -> bool:
         return "input_token_types" in self.stats
 
+    @property
+    def reads_mlp_input(self) -> bool:
+        """Pseudo-neurons read what the MLP's first projection reads (ln2.hook_normalized)."""
+        return "pseudo_neurons" in self.stats
+
     def add(
         self, acts: torch.Tensor | None, resid: torch.Tensor | None, token_ids: torch.Tensor,
-        positions: torch.Tensor,
+        positions: torch.Tensor, window_idx: torch.Tensor | None = None, mlp_in: torch.Tensor | None = None,
     ) -> None:
         """acts [N, d_mlp] (None when no neuron stat); resid [N, d_model] (None without the input
-        stat); token_ids, positions [N]."""
+        stat); token_ids, positions [N]; window_idx [N] (fold_token_types); mlp_in [N, d_model]
+        (pseudo_neurons)."""
         s = self.stats
+        if "fold_token_types" in s:
+            if window_idx is None:
+                raise ValueError("the stat 'fold_token_types' needs window_idx")
+            s["fold_token_types"].add(acts, token_ids * 2 + window_idx % 2)
+        if "pseudo_neurons" in s:
+            if mlp_in is None:
+                raise ValueError("the stat 'pseudo_neurons' needs mlp_in")
+            s["pseudo_neurons"].add(mlp_in, token_ids, positions, window_idx)
         if "topk" in s:
             s["topk"].add(acts, positions)
         if "token_types" in s:
@@ -144,10 +198,18 @@ class CombinedStat:
         """Rebuild from `state_dict()` (or a profile's tensors); spec defaults to what is there."""
         if spec is None:
             spec = [n for n in STAT_NAMES if _has(state, n)]
-        return cls({name: _CLASSES[name].load_state_dict(state, PREFIXES[name]) for name in spec})
+        stats = {}
+        for name in spec:
+            if name == "pseudo_neurons":
+                from intraneuron.extraction.pseudo import PseudoNeurons
+
+                stats[name] = PseudoNeurons.load_state_dict(state, PREFIXES[name])
+            else:
+                stats[name] = _CLASSES[name].load_state_dict(state, PREFIXES[name])
+        return cls(stats)
 
 
 def _has(state: Mapping[str, torch.Tensor], name: str) -> bool:
-    probe = {"topk": "values", "token_types": "ids", "moments": "count", "histogram": "counts",
-             "input_token_types": "ids"}[name]
-    return f"{PREFIXES[name]}_{probe}" in state
+    probe = {"topk": "_values", "token_types": "_ids", "moments": "_count", "histogram": "_counts",
+             "input_token_types": "_ids", "fold_token_types": "_ids", "pseudo_neurons": ".source_neurons"}[name]
+    return f"{PREFIXES[name]}{probe}" in state

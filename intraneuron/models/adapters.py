@@ -5,6 +5,10 @@ projection: GELU(x W_in + b) for GPT-2 / GPT-NeoX / BERT, act(x W_gate) * (x W_u
 (Llama-style) MLPs. Sites keep TransformerLens names so that users recognise them:
 
     blocks.{l}.hook_resid_pre   residual stream entering block l          # [batch, pos, d_model]
+    blocks.{l}.hook_resid_mid   residual after attention, what the MLP's norm reads (with
+                                parallel attention + MLP, e.g. GPT-NeoX: the block's input)
+    blocks.{l}.ln2.hook_normalized  what the MLP's first projection reads (the pre-MLP norm's
+                                output)                                    # [batch, pos, d_model]
     blocks.{l}.mlp.hook_pre     MLP pre-activation (gated: the gate)      # [batch, pos, d_mlp]
     blocks.{l}.mlp.hook_post    neuron activations                        # [batch, pos, d_mlp]
 
@@ -22,9 +26,13 @@ import torch
 
 from intraneuron.errors import ConfigError
 
-SiteKind = Literal["hook_resid_pre", "mlp.hook_pre", "mlp.hook_post"]
+SiteKind = Literal["hook_resid_pre", "mlp.hook_pre", "mlp.hook_post", "hook_resid_mid", "ln2.hook_normalized"]
 SITE_TEMPLATES = tuple(f"blocks.{{layer}}.{kind}" for kind in get_args(SiteKind))
-_SITE_NAME = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|mlp\.hook_pre|mlp\.hook_post)")
+_SITE_NAME = re.compile(
+    r"blocks\.(\d+)\.(hook_resid_pre|mlp\.hook_pre|mlp\.hook_post|hook_resid_mid|ln2\.hook_normalized)"
+)
+# hook_resid_mid is the input of the MLP's norm; model types whose norm sits elsewhere in the block
+RESID_MID_OF_MODEL_TYPE = {"gemma2": ("pre_feedforward_layernorm", "input"), "olmo2": ("mlp", "input")}
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,9 @@ class ArchitectureAdapter:
     mlp_pre: tuple[str, Literal["output", "input"]]
     causal: bool  # loaded with AutoModelForCausalLM (else AutoModel)
     prefix: str = ""  # where the base model sits in the loaded object, e.g. "transformer."
+    # residual after attention; None: the MLP reads the block's input (parallel attention + MLP)
+    resid_mid: tuple[str, Literal["output", "input"]] | None = None
+    mlp_in: tuple[str, Literal["output", "input"]] | None = None  # input of the MLP's first projection
 
     def n_layers(self, config: Any) -> int:
         return int(config.num_hidden_layers)
@@ -88,7 +99,18 @@ class ArchitectureAdapter:
             raise ConfigError("layer", layer, f"0..{n_layers - 1} ({self.name} has {n_layers} layers)")
         if kind == "hook_resid_pre":
             return Site(name, self.layer_path(layer), "input", layer)
-        relative, read = self.mlp_post if kind == "mlp.hook_post" else self.mlp_pre
+        if kind == "hook_resid_mid":
+            where = RESID_MID_OF_MODEL_TYPE.get(getattr(config, "model_type", None), self.resid_mid)
+            if where is None or getattr(config, "use_parallel_residual", False):
+                # attention and MLP in parallel: the MLP's norm reads the block's input itself
+                return Site(name, self.layer_path(layer), "input", layer)
+            relative, read = where
+        elif kind == "ln2.hook_normalized":
+            if self.mlp_in is None:
+                raise ConfigError("extraction.site", name, f"a site of {self.name} other than {kind}")
+            relative, read = self.mlp_in
+        else:
+            relative, read = self.mlp_post if kind == "mlp.hook_post" else self.mlp_pre
         return Site(name, f"{self.layer_path(layer)}.{relative}", read, layer)
 
     def for_model(self, model: torch.nn.Module) -> ArchitectureAdapter:
@@ -113,6 +135,8 @@ GPT2 = GPT2Adapter(
     mlp_pre=("mlp.act", "input"),
     causal=True,
     prefix="transformer.",
+    resid_mid=("ln_2", "input"),
+    mlp_in=("mlp.c_fc", "input"),
 )
 GPT_NEOX = ArchitectureAdapter(
     name="gpt_neox",
@@ -122,6 +146,8 @@ GPT_NEOX = ArchitectureAdapter(
     mlp_pre=("mlp.act", "input"),
     causal=True,
     prefix="gpt_neox.",
+    resid_mid=("post_attention_layernorm", "input"),  # only without use_parallel_residual
+    mlp_in=("mlp.dense_h_to_4h", "input"),
 )
 # Gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)); the neuron is down_proj's input and
 # hook_pre is the gate (TransformerLens' convention for gated MLPs).
@@ -133,6 +159,8 @@ LLAMA = ArchitectureAdapter(
     mlp_pre=("mlp.gate_proj", "output"),
     causal=True,
     prefix="model.",
+    resid_mid=("post_attention_layernorm", "input"),
+    mlp_in=("mlp.gate_proj", "input"),
 )
 # BertIntermediate = dense + GELU; its output feeds BertOutput.dense (the output projection).
 BERT = ArchitectureAdapter(
@@ -143,6 +171,8 @@ BERT = ArchitectureAdapter(
     mlp_pre=("intermediate.dense", "output"),
     causal=False,
     prefix="",  # AutoModel gives the bare encoder
+    resid_mid=("attention.output", "output"),  # post-LN: LayerNorm(attention + residual)
+    mlp_in=("intermediate.dense", "input"),
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (GPT2, GPT_NEOX, LLAMA, BERT)

@@ -30,6 +30,20 @@ def make_rng(seed: SeedLike) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def side_stream(rng: np.random.Generator, key: int) -> np.random.Generator:
+    """An independent child stream of rng's seed, named by key, that leaves rng untouched.
+
+    Unlike `rng.spawn`, the parent's spawn counter does not move, so the streams other code spawns
+    later stay the same whether this one is drawn or not. Keys count down from 2**32 - 1, far from
+    spawn's 0, 1, 2... A generator without a seed sequence gives a child seeded from its stream.
+    """
+    seq = rng.bit_generator.seed_seq
+    if not isinstance(seq, np.random.SeedSequence):
+        return np.random.default_rng(rng.integers(2**63))
+    child = np.random.SeedSequence(seq.entropy, spawn_key=(*seq.spawn_key, key), pool_size=seq.pool_size)
+    return np.random.Generator(type(rng.bit_generator)(child))
+
+
 def permutation_batches(
     rng: np.random.Generator, n_items: int, n_permutations: int, batch_size: int = DEFAULT_BATCH
 ) -> Iterator[np.ndarray]:

@@ -9,6 +9,11 @@ Calibration (tests/test_planted.py): top_sig_frac and the sign test hold their l
 layers. The Wilcoxon test of H_top - H_rest does not: the top segment is smaller than the rest,
 and with the "centroid" measure a smaller segment is more homogeneous by construction (100 null
 neurons: p ~ 1e-17); with "pairwise" its null is skewed, not symmetric. Read it as descriptive.
+
+Every BH fraction has Storey's pi0 beside it ("<...>_pi0"): BH at a layer's size can reject few
+neurons while many p values are small, and pi0 < 1 says so. With pseudo-neurons (random read-in
+directions through the same pipeline; `geometry_excess`) the "geometry/..." metrics give each
+statistic's excess over what the read-in geometry alone produces; without them they are NaN.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from intraneuron.stats.multiple import storey_pi0
+from intraneuron.stats.permutation import TIE_TOLERANCE
 from intraneuron.stats.summary import distribution, significant_fraction
 
 # metric name -> row column; each gets mean, median, quantiles and the count of finite values.
@@ -34,11 +41,62 @@ DISTRIBUTIONS: dict[str, str] = {
     "bottomup/trend_rho": "trend_rho",
     "bottomup/successive_z": "successive_z",
     "homomorphism/ari": "ari",
-    "homomorphism/nmi": "nmi",
+    "homomorphism/ami": "ami",
     "homomorphism/mantel_rho": "mantel_rho",
 }
-def aggregate_layer(rows: pd.DataFrame, alpha: float = 0.05) -> dict[str, float]:
-    """Layer metrics from the per-neuron rows (columns of `neuron.ROW_KEYS`) of one layer."""
+
+# Statistics a neuron's read-in geometry alone can raise, calibrated against pseudo-neurons.
+GEOMETRY_COLUMNS: tuple[str, ...] = (
+    "z_top", "h_top_minus_rest", "trend_rho", "epsilon2", "ari", "mantel_rho", "silhouette", "successive_z",
+)  # fmt: skip
+
+
+def geometry_excess(
+    rows: pd.DataFrame, pseudo_rows: pd.DataFrame, columns: tuple[str, ...] = GEOMETRY_COLUMNS
+) -> pd.DataFrame:
+    """rows with, per column c present in both tables, c_excess (value - pseudo median),
+    c_z_geometry, c_p_geometry and c_p_geometry_empirical, against the pseudo-neurons' values.
+
+    c_p_geometry is one-sided (value above the pseudo-neurons) from a normal fitted to the pseudo
+    values: the empirical (1 + #{pseudo >= value}) / (1 + R), also given, floors at 1/257 with 256
+    pseudo-neurons, which BH over a layer of 1,536 neurons cannot reject. The normal is a model:
+    trust c_p_geometry where the pseudo values look normal, compare with the empirical p.
+    Skipped rows (row["skipped"] != "") get NaN and pseudo rows that were skipped are left out;
+    NaN pseudo values are dropped per column.
+    """
+    out = rows.copy()
+    analysed = _blank(rows, "skipped")
+    pseudo = pseudo_rows[_blank(pseudo_rows, "skipped")]
+    for c in columns:
+        if c not in rows or c not in pseudo_rows:
+            continue
+        null = np.sort(_finite(_column(pseudo, c)))  # [R]
+        value = _column(rows, c).where(analysed).to_numpy(dtype=np.float64)  # [n]
+        n_null = null.size
+        median = np.median(null) if n_null else np.nan
+        mean = null.mean() if n_null else np.nan
+        sd = null.std(ddof=1) if n_null > 1 else np.nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = (value - mean) / sd if sd > 0 else np.full_like(value, np.nan)
+        # pseudo values at or above the value, ties counted as in the permutation tests
+        tol = TIE_TOLERANCE * np.maximum(1.0, np.abs(np.nan_to_num(value)))
+        at_or_above = n_null - np.searchsorted(null, value - tol, side="left")
+        empirical = (1.0 + at_or_above) / (1.0 + n_null) if n_null else np.full_like(value, np.nan)
+        out[f"{c}_excess"] = value - median
+        out[f"{c}_z_geometry"] = z
+        # a degenerate null (every pseudo-neuron at one value, e.g. ARI 0 where none has categories)
+        # has no normal fit: the empirical p is the answer there
+        empirical = np.where(np.isnan(value), np.nan, empirical)
+        out[f"{c}_p_geometry"] = np.where(np.isfinite(z), stats.norm.sf(z), empirical)
+        out[f"{c}_p_geometry_empirical"] = empirical
+    return out
+
+
+def aggregate_layer(
+    rows: pd.DataFrame, alpha: float = 0.05, pseudo_rows: pd.DataFrame | None = None
+) -> dict[str, float]:
+    """Layer metrics from the per-neuron rows (columns of `neuron.ROW_KEYS`) of one layer;
+    pseudo_rows: the same analysis of the layer's pseudo-neurons (None: geometry metrics NaN)."""
     n = len(rows)
     analysed = rows[_blank(rows, "skipped")]
     with_topdown = analysed[_blank(analysed, "topdown_skipped")]
@@ -60,6 +118,7 @@ def aggregate_layer(rows: pd.DataFrame, alpha: float = 0.05) -> dict[str, float]
     metrics["topdown/kruskal_sig_frac_bh"] = significant_fraction(
         _column(with_topdown, "kruskal_p"), alpha, bh=True
     )
+    metrics["topdown/kruskal_pi0"] = storey_pi0(_column(with_topdown, "kruskal_p"))
     metrics["topdown/anova_sig_frac"] = significant_fraction(
         _column(with_topdown, "anova_p"), alpha, bh=False
     )
@@ -69,14 +128,44 @@ def aggregate_layer(rows: pd.DataFrame, alpha: float = 0.05) -> dict[str, float]
 
     metrics["bottomup/top_sig_frac"] = significant_fraction(_column(analysed, "p_top"), alpha, bh=False)
     metrics["bottomup/top_sig_frac_bh"] = significant_fraction(_column(analysed, "p_top"), alpha, bh=True)
+    metrics["bottomup/top_pi0"] = storey_pi0(_column(analysed, "p_top"))
     metrics.update(_paired_top_rest(analysed))
     metrics.update(_sign_test(_column(analysed, "p_top"), _column(analysed, "z_top")))
     metrics["bottomup/successive_less_sig_frac_bh"] = significant_fraction(
         _column(analysed, "successive_p_less"), alpha, bh=True
     )
+    metrics["bottomup/successive_less_pi0"] = storey_pi0(_column(analysed, "successive_p_less"))
     metrics["homomorphism/mantel_sig_frac_bh"] = significant_fraction(
         _column(analysed, "mantel_p"), alpha, bh=True
     )
+    metrics["homomorphism/mantel_pi0"] = storey_pi0(_column(analysed, "mantel_p"))
+    metrics.update(_geometry(analysed, pseudo_rows, alpha))
+    return metrics
+
+
+def _geometry(analysed: pd.DataFrame, pseudo_rows: pd.DataFrame | None, alpha: float) -> dict[str, float]:
+    """Excess over the pseudo-neurons per GEOMETRY_COLUMNS, and the top segment's layer test
+    calibrated by them: real neurons with p_top < alpha against pseudo-neurons with p_top < alpha
+    (one-sided Fisher exact test: more among the real ones)."""
+    pseudo = pseudo_rows[_blank(pseudo_rows, "skipped")] if pseudo_rows is not None else None
+    excess = geometry_excess(analysed, pseudo) if pseudo is not None else analysed
+    metrics = {"geometry/n_pseudo": float(len(pseudo)) if pseudo is not None else 0.0}
+    for c in GEOMETRY_COLUMNS:
+        diff = _finite(_column(excess, f"{c}_excess"))
+        p = _column(excess, f"{c}_p_geometry")
+        metrics[f"geometry/{c}_excess_median"] = float(np.median(diff)) if diff.size else np.nan
+        metrics[f"geometry/{c}_sig_frac_bh"] = significant_fraction(p, alpha, bh=True)
+        metrics[f"geometry/{c}_pi0"] = storey_pi0(p)
+    metrics["bottomup/top_pi0_geometry"] = storey_pi0(_column(excess, "z_top_p_geometry"))
+
+    real = _finite(_column(analysed, "p_top"))
+    fake = _finite(_column(pseudo, "p_top")) if pseudo is not None else np.empty(0)
+    metrics["bottomup/top_sig_frac_pseudo"] = float(np.mean(fake < alpha)) if fake.size else np.nan
+    metrics["bottomup/top_sig_vs_pseudo_p"] = np.nan
+    if real.size and fake.size:
+        hits_real, hits_fake = int(np.sum(real < alpha)), int(np.sum(fake < alpha))
+        table = [[hits_real, real.size - hits_real], [hits_fake, fake.size - hits_fake]]
+        metrics["bottomup/top_sig_vs_pseudo_p"] = float(stats.fisher_exact(table, alternative="greater").pvalue)
     return metrics
 
 

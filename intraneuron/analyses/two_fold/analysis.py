@@ -59,29 +59,39 @@ class TwoFoldAnalysis(Analysis):
         self,
         homogeneity: str = "pairwise",
         n_permutations: int = 1000,
+        max_permutations: int = 100_000,
         n_mantel_permutations: int = 999,
+        mantel_distance: str = "rank",
         alpha: float = 0.05,
         seed: int = 0,
         n_jobs: int = -1,
     ):
         self.homogeneity = homogeneity
         self.n_permutations = n_permutations
+        self.max_permutations = max_permutations
         self.n_mantel_permutations = n_mantel_permutations
+        self.mantel_distance = mantel_distance
         self.alpha = alpha
         self.seed = seed
         self.n_jobs = n_jobs
         # the per-neuron settings are checked where they are used, once, with their config keys
         TwoFoldNeuron(homogeneity=homogeneity, n_permutations=n_permutations,
-                      n_mantel_permutations=n_mantel_permutations, alpha=alpha)  # fmt: skip
+                      max_permutations=max_permutations,
+                      n_mantel_permutations=n_mantel_permutations, mantel_distance=mantel_distance,
+                      alpha=alpha)  # fmt: skip
         if n_jobs == 0 or n_jobs < -1:
             raise ConfigError("analysis.n_jobs", n_jobs, "an integer >= 1, or -1 for all cores")
 
     def requirements(self, run) -> Requirements:
-        # Every statistic, whatever the embedding: one cached profile then serves a sweep over
-        # core-token rules, embeddings and clusterers alike.
+        # Every statistic the two-fold analysis can read, whatever this run's options: one cached
+        # profile then serves a sweep over core-token rules, cross-fitting, embeddings and clusterers.
         from intraneuron.extraction import STAT_NAMES
 
-        stats = set(STAT_NAMES) if run.extraction.input_site else set(STAT_NAMES) - {"input_token_types"}
+        stats = set(STAT_NAMES)
+        if run.extraction.input_site is None:
+            stats.discard("input_token_types")
+        if not run.extraction.pseudo_neurons:
+            stats.discard("pseudo_neurons")
         return Requirements(stats=frozenset(stats))
 
     def check(self, run) -> None:
@@ -104,45 +114,52 @@ class TwoFoldAnalysis(Analysis):
             normalize=clustering.normalize,
             n_categories=clustering.n_categories,
             k_range=tuple(clustering.k_range),
+            k_choice=clustering.k_choice,
+            n_references=clustering.n_references,
+            mantel_distance=self.mantel_distance,
             scheme=segmentation.scheme,
             n_segments=segmentation.n_segments,
             top_fraction=segmentation.top_fraction,
             homogeneity=self.homogeneity,
             n_permutations=self.n_permutations,
+            max_permutations=self.max_permutations,
             n_mantel_permutations=self.n_mantel_permutations,
             alpha=self.alpha,
             min_tokens=groups["core_tokens"].min_core_tokens,
         )
-        self.keep_ = groups["core_tokens"].keep_mask(job.token_texts)
+        special_ids = getattr(job.handle.tokenizer, "all_special_ids", ())
+        self.keep_ = groups["core_tokens"].keep_mask(job.token_texts, special_ids)
         self.label_ = clustering.labeller(job.token_texts)
         self.category_names_ = clustering.category_names()
         embedding = groups["embedding"]
         self.vectors_ = None if embedding.per_layer else embedding.build(job.handle)
 
     def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
-        from intraneuron.analyses.two_fold.aggregate import aggregate_layer
+        from intraneuron.analyses.two_fold.aggregate import aggregate_layer, geometry_excess
         from intraneuron.analyses.two_fold.figures import layer_figures
-        from intraneuron.analyses.two_fold.layer import analyse_layer
 
         started = time.perf_counter()
-        groups, texts = job.run.groups, job.token_texts
-        vectors = self._vectors(job, layer, profile)
+        groups = job.run.groups
         neurons = groups["neurons"].indices(job.handle.d_mlp)
-        cores = groups["core_tokens"].select(profile, neurons, self.keep_)
-        bar = tqdm(total=len(cores), unit="neuron", desc=f"analyse layer {layer}",
-                   disable=not job.run.extraction.progress, mininterval=progress_interval())  # fmt: skip
-        tables = analyse_layer(
-            layer, cores, vectors.embed, self.neuron_,
-            label=self.label_,
-            decode=lambda ids: [texts[i] for i in ids],
-            seed=self.seed,
-            n_jobs=self.n_jobs,
-            progress=bar.update,
-        )  # fmt: skip
-        bar.close()
+        tables = self._analyse(job, layer, profile, neurons, progress_label=f"analyse layer {layer}")
         rows = tables["neurons"]
-        metrics = aggregate_layer(rows, self.alpha)
+        pseudo_rows = None
+        pseudo = profile.pseudo() if hasattr(profile, "pseudo") else None
+        if pseudo is not None:
+            # the layer's geometry null: random read-in directions through the same pipeline
+            pseudo_tables = self._analyse(job, layer, pseudo, np.arange(pseudo.d_mlp), pseudo=True,
+                                          progress_label=f"pseudo-neurons layer {layer}")  # fmt: skip
+            pseudo_rows = pseudo_tables["neurons"]
+            rows = geometry_excess(rows, pseudo_rows)
+            tables["neurons"] = rows
+            tables["pseudo_neurons"] = pseudo_rows
+        metrics = aggregate_layer(rows, self.alpha, pseudo_rows)
         metrics["core_tokens/n_mean"] = float(rows["n_core"].mean()) if len(rows) else np.nan
+        metrics["core_tokens/overlap_median"] = float(rows["core_overlap"].median()) if len(rows) else np.nan
+        metrics["core_tokens/reliability_median"] = float(rows["core_reliability"].median()) if len(rows) else np.nan
+        metrics["core_tokens/unselective_frac"] = (
+            float(rows["skipped"].str.startswith(("selectivity", "constant")).mean()) if len(rows) else np.nan
+        )
         metrics["embedding/unembedded_frac"] = _ratio(rows, "n_unembedded", "n_core")
         if self.label_ is not None:
             metrics["categories/label_coverage_mean"] = float(rows["label_coverage"].mean())
@@ -151,9 +168,56 @@ class TwoFoldAnalysis(Analysis):
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
         return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
 
+    def _analyse(self, job: Job, layer: int, profile, neurons: np.ndarray, *, pseudo: bool = False,
+                 progress_label: str = "") -> dict:  # fmt: skip
+        """The per-neuron tables of `neurons` of `profile` (the layer's, or its pseudo-neurons')."""
+        from intraneuron.analyses.two_fold.layer import analyse_layer
+
+        groups, texts = job.run.groups, job.token_texts
+        vectors = self._vectors(job, layer, profile if not pseudo else None)
+        cores = groups["core_tokens"].select(profile, neurons, self.keep_)
+        bar = tqdm(total=len(cores), unit="neuron", desc=progress_label,
+                   disable=not job.run.extraction.progress, mininterval=progress_interval())  # fmt: skip
+        tables = analyse_layer(
+            layer, cores, vectors.embed, self.neuron_,
+            label=self.label_,
+            decode=lambda ids: [texts[i] for i in ids],
+            read_in=self._read_in(job, layer, pseudo),
+            seed=self.seed,
+            stream=(1,) if pseudo else (),
+            n_jobs=self.n_jobs,
+            progress=bar.update,
+        )  # fmt: skip
+        bar.close()
+        return tables
+
+    def _read_in(self, job: Job, layer: int, pseudo: bool):
+        """neuron -> its read-in directions [r, d_model], or None when the projection is off."""
+        if not job.run.groups["embedding"].project_read_in:
+            return None
+        key = (layer, pseudo)
+        if getattr(self, "read_in_", (None,))[0] != key:  # one layer at a time, for the cards too
+            from intraneuron.analyses.two_fold.geometry import read_in_directions
+
+            if pseudo:
+                from intraneuron.extraction.pseudo import pseudo_read_in
+
+                extraction = job.run.extraction
+                pseudo = pseudo_read_in(job.handle, layer, extraction.pseudo_neurons, extraction.pseudo_seed)
+                directions = pseudo.directions.numpy()  # [n, r, d_model]
+            else:
+                directions = read_in_directions(job.handle, layer)
+            self.read_in_ = (key, directions)
+        directions = self.read_in_[1]
+        return lambda neuron: directions[neuron]
+
     def _vectors(self, job: Job, layer: int, profile):
+        """The layer's vectors (profile None: the ones already built for this layer; pseudo-neurons
+        embed their tokens with the layer's real input means)."""
         if self.vectors_ is not None:
             return self.vectors_
+        if profile is None:
+            return self.layer_vectors_[1]
         if getattr(self, "layer_vectors_", (None,))[0] != layer:  # built once per layer, for the cards too
             self.layer_vectors_ = (layer, job.run.groups["embedding"].build(job.handle, profile))
         return self.layer_vectors_[1]
@@ -164,10 +228,17 @@ class TwoFoldAnalysis(Analysis):
         and 2-D projection figures."""
         from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
 
+        from intraneuron.analyses.two_fold.geometry import project_out
+
         groups, texts = job.run.groups, job.token_texts
         core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_)[0]
+        if core.skipped:
+            tokens = [(texts[i], float(a)) for i, a in zip(core.token_ids, core.acts, strict=True)]
+            return NeuronView({"core tokens": tokens}, note=core.skipped)
         X, valid = self._vectors(job, layer, profile).embed(core.token_ids)
         ids, acts, X = core.token_ids[valid], core.acts[valid], X[valid]
+        if (read_in := self._read_in(job, layer, pseudo=False)) is not None:
+            X = project_out(X, read_in(neuron))
         labels = self.label_(ids) if self.label_ is not None else None
         result = self.neuron_.analyse(acts, X, labels, seed=(self.seed, layer, neuron))
         if result.token_labels is None:  # skipped: too few core tokens

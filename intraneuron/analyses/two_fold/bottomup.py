@@ -1,191 +1,180 @@
 """Step 8 (bottom-up): categorical homogeneity of each activation segment against a permutation
-null, its trend over segments, and the successive-token discontinuity of the sibling paper.
+null (`homogeneity`), its trend over segments, the successive-token discontinuity of the sibling
+paper (`successive`), and the top segment's sequential p.
 
-Homogeneity of a segment is a quadratic form of the cosine matrix C over the segment's tokens:
-Q_s = sum_{i,j in s} C_ij. Mean pairwise cosine = (Q_s - trace_s) / (n_s (n_s - 1)); mean cosine
-to the centroid of the unit vectors = sqrt(Q_s) / n_s. The null shuffles the activations, i.e.
-the assignment of tokens to segments with sizes kept; all permutations of a batch are evaluated
-at once by gathering C over the within-segment token pairs.
+The top segment's p is sequential (Besag & Clifford 1991, in stages): with p >= 1/(P + 1) and a
+layer of 1,536 neurons, BH at 0.05 rejects nothing unless about 31 neurons sit at the floor of
+P = 1000, so a neuron whose top segment has fewer than 10 null draws at or above it gets ten times
+more permutations of the top segment alone, up to max_permutations, then a generalized Pareto
+tail fit (`intraneuron.stats.tail`). The other segments keep the first-stage null.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from intraneuron.analyses.two_fold.segmentation import activation_order
+from intraneuron.analyses.two_fold.homogeneity import (
+    MEASURES,
+    _homogeneity_draws,
+    _homogeneity_null_loop,
+    cosine_matrix,
+    homogeneity_null,
+    mean_pairwise_cosine,
+    segment_homogeneity,
+    validate_null,
+)
+from intraneuron.analyses.two_fold.successive import (
+    SuccessiveTest,
+    _successive_null_loop,
+    successive_similarity,
+)
 from intraneuron.errors import ConfigError
 from intraneuron.stats.permutation import (
     DEFAULT_BATCH,
     NullSummary,
-    PairGather,
     SeedLike,
-    inverse_permutations,
+    count_as_extreme,
     make_rng,
-    permutation_batches,
+    side_stream,
     summarise_null,
 )
+from intraneuron.stats.tail import gpd_tail_p
 
-MEASURES = ("pairwise", "centroid")
+# Public names, with those that live in `homogeneity` and `successive` (and their slow references).
+__all__ = [
+    "MEASURES", "MIN_EXCEEDANCES", "STAGE_GROWTH", "TOP_METHODS", "TOP_STREAM_KEY", "BottomUpResult",
+    "SuccessiveTest", "TopTest", "_homogeneity_null_loop", "_successive_null_loop", "bottom_up",
+    "cosine_matrix", "homogeneity_null", "homogeneity_test", "homogeneity_trend",
+    "mean_pairwise_cosine", "segment_homogeneity", "successive_similarity",
+    "validate_max_permutations", "validate_null",
+]  # fmt: skip
 
-
-def validate_null(measure: str, n_permutations: int) -> None:
-    """Raise ConfigError for an unknown homogeneity measure or too few permutations."""
-    if measure not in MEASURES:
-        raise ConfigError("analysis.homogeneity", measure, MEASURES)
-    if not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
-        raise ConfigError("analysis.n_permutations", n_permutations, "an integer >= 1")
-
-
-def cosine_matrix(X: np.ndarray) -> np.ndarray:
-    """Cosine similarities [n, n] of the rows of X [n, d], in float64 (zero rows: cosine 0)."""
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2:
-        raise ValueError(f"X must be [n_tokens, d], got shape {X.shape}")
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    unit = X / np.where(norms > 0, norms, 1.0)
-    return unit @ unit.T
+MIN_EXCEEDANCES = 10  # null draws at or above H_top that end the sequential stages
+STAGE_GROWTH = 10  # each stage multiplies the permutations of the top segment by this
+TOP_METHODS = ("permutation", "gpd")
+TOP_STREAM_KEY = 2**32 - 1  # side stream of the neuron's seed for the further stages
 
 
-def mean_pairwise_cosine(C: np.ndarray) -> float:
-    """H_all: mean cosine over all distinct token pairs (the expected value of a random pair)."""
-    n = C.shape[0]
-    if n < 2:
-        return np.nan
-    return float((C.sum() - np.trace(C)) / (n * (n - 1)))
+def validate_max_permutations(n_permutations: int, max_permutations: int) -> None:
+    """Raise ConfigError unless max_permutations is an integer >= n_permutations."""
+    if (
+        not isinstance(max_permutations, int | np.integer)
+        or isinstance(max_permutations, bool)
+        or max_permutations < n_permutations
+    ):
+        raise ConfigError(
+            "analysis.max_permutations", max_permutations,
+            f"an integer >= analysis.n_permutations ({n_permutations})",
+        )  # fmt: skip
 
 
-class _SegmentPairs:
-    """Within-segment token pairs of a fixed segmentation, laid out for batched gathers.
+@dataclass(frozen=True)
+class TopTest:
+    """The top segment's p after the sequential stages: n_permutations drawn in all, exceedances
+    among them (null >= observed), method "permutation" ((1 + b) / (1 + P)) or "gpd" (tail fit)."""
 
-    With exactly two non-empty segments (the "top_fraction" scheme) only the smaller one's pairs are
-    gathered: the larger one's pair sum follows from the total over all pairs, which no
-    permutation changes, minus the row sums of the smaller segment's tokens.
-    """
-
-    def __init__(self, labels: np.ndarray, n_segments: int, batch_size: int = 1):
-        labels = np.asarray(labels, dtype=np.int64)
-        if labels.min(initial=0) < 0 or labels.max(initial=0) >= n_segments:
-            raise ValueError(f"segment labels must lie in [0, {n_segments})")
-        self.n = labels.size
-        self.order = np.argsort(labels, kind="stable")  # tokens grouped by segment
-        self.sizes = np.bincount(labels, minlength=n_segments)  # [S]
-        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        self.has_tokens = self.sizes > 0
-        self.token_starts = starts[self.has_tokens]
-        used = np.flatnonzero(self.has_tokens)
-        self.derived: int | None = None  # segment whose pair sum comes from the complement
-        if used.size == 2:
-            self.derived = int(used[np.argmax(self.sizes[used])])
-            small = int(used[used != self.derived][0])
-            self.small_positions = np.arange(starts[small], starts[small] + self.sizes[small])
-        rows, cols, pair_counts = [], [], []
-        for s, (start, size) in enumerate(zip(starts, self.sizes, strict=True)):
-            r, c = np.triu_indices(0 if s == self.derived else size, 1)
-            rows.append(r + start)
-            cols.append(c + start)
-            pair_counts.append(r.size)
-        # [T] within-segment pairs as positions in `order`
-        self.gather = PairGather(np.concatenate(rows), np.concatenate(cols), self.n, batch_size)
-        pair_counts = np.asarray(pair_counts)
-        self.has_pairs = pair_counts > 0  # [S]
-        self.pair_starts = np.concatenate([[0], np.cumsum(pair_counts)[:-1]])[self.has_pairs]
-
-    def homogeneity(self, C: np.ndarray, tokens: np.ndarray, measure: str) -> np.ndarray:
-        """H [batch, S] for token layouts tokens [batch, n] (row p: token at each position)."""
-        batch = tokens.shape[0]
-        n_seg = self.sizes.size
-        pair_sums = np.zeros((batch, n_seg))  # sums over pairs i < j within each segment
-        if self.gather.rows.size:
-            values = self.gather(C, tokens)  # [batch, T]
-            pair_sums[:, self.has_pairs] = np.add.reduceat(values, self.pair_starts, axis=1)
-        if self.derived is not None:
-            off_diagonal_rows = C.sum(axis=1) - np.diagonal(C)  # [n]
-            small_rows = off_diagonal_rows[tokens[:, self.small_positions]].sum(axis=1)
-            small_pairs = pair_sums.sum(axis=1)  # only the smaller segment was gathered
-            pair_sums[:, self.derived] = off_diagonal_rows.sum() / 2 - small_rows + small_pairs
-        h = np.full((batch, n_seg), np.nan)
-        multi = self.sizes >= 2
-        sizes = self.sizes[multi].astype(np.float64)
-        if measure == "pairwise":
-            h[:, multi] = 2 * pair_sums[:, multi] / (sizes * (sizes - 1))
-        else:
-            traces = np.zeros((batch, n_seg))
-            diagonal = np.diagonal(C)[tokens]  # [batch, n]
-            traces[:, self.has_tokens] = np.add.reduceat(diagonal, self.token_starts, axis=1)
-            quadratic = 2 * pair_sums[:, multi] + traces[:, multi]
-            h[:, multi] = np.sqrt(np.maximum(quadratic, 0.0)) / sizes
-        return h
+    p: float
+    n_permutations: int
+    method: str
+    exceedances: int
 
 
-def segment_homogeneity(
-    C: np.ndarray, labels: np.ndarray, n_segments: int, measure: str = "pairwise"
-) -> np.ndarray:
-    """H_s [n_segments] of each segment (NaN for segments with fewer than 2 tokens)."""
-    validate_null(measure, 1)
-    layout = _SegmentPairs(labels, n_segments)
-    return layout.homogeneity(C, layout.order[None, :], measure)[0]
-
-
-def homogeneity_null(
+def homogeneity_test(
     C: np.ndarray,
     labels: np.ndarray,
     n_segments: int,
     measure: str = "pairwise",
     n_permutations: int = 1000,
+    max_permutations: int | None = None,
     seed: SeedLike = 0,
     batch_size: int = DEFAULT_BATCH,
-) -> NullSummary:
-    """Per segment: observed H_s, permutation mean/sd, z and p = (1 + #{null >= H}) / (1 + P).
+) -> tuple[NullSummary, TopTest]:
+    """`homogeneity_null` (same draws for the same seed) plus the top segment's sequential p.
 
-    Permutation p shuffles the activations (token i takes the activation of token perm[i]), so
-    segment s holds the tokens i with labels[perm[i]] == s.
+    The further stages draw from a side stream of the seed (`side_stream`), so the caller's stream,
+    its spawned children and every statistic drawn from them are the same whether they run or not.
+    max_permutations None: n_permutations (no further stage).
     """
     validate_null(measure, n_permutations)
+    max_permutations = n_permutations if max_permutations is None else max_permutations
+    validate_max_permutations(n_permutations, max_permutations)
     rng = make_rng(seed)
-    layout = _SegmentPairs(labels, n_segments, batch_size)
-    observed = layout.homogeneity(C, layout.order[None, :], measure)[0]
-    null = np.empty((n_permutations, n_segments))  # [P, S]
-    done = 0
-    for perms in permutation_batches(rng, layout.n, n_permutations, batch_size):
-        tokens = inverse_permutations(perms)[:, layout.order]  # [batch, n]
-        null[done : done + len(perms)] = layout.homogeneity(C, tokens, measure)
-        done += len(perms)
-    return summarise_null(observed, null, "greater")
+    later = side_stream(rng, TOP_STREAM_KEY)
+    labels = np.asarray(labels, dtype=np.int64)
+    observed, null = _homogeneity_draws(C, labels, n_segments, measure, n_permutations, rng, batch_size)
+    top = _sequential_top(C, labels, measure, observed[0], null[:, 0], max_permutations, later, batch_size)
+    return summarise_null(observed, null, "greater"), top
 
 
-def _homogeneity_null_loop(
-    C: np.ndarray,
-    labels: np.ndarray,
-    n_segments: int,
-    measure: str = "pairwise",
-    n_permutations: int = 1000,
-    seed: SeedLike = 0,
-) -> NullSummary:
-    """Slow reference for `homogeneity_null`: one permutation and one segment at a time."""
-    rng = make_rng(seed)
-    labels = np.asarray(labels)
+def _sequential_top(
+    C: np.ndarray, labels: np.ndarray, measure: str, observed: float, first: np.ndarray,
+    max_permutations: int, rng: np.random.Generator, batch_size: int,
+) -> TopTest:
+    """Stages of STAGE_GROWTH times more permutations of the top segment (first: its first-stage
+    null [P]) until MIN_EXCEEDANCES or max_permutations, then a GPD tail if still short."""  # fmt: skip
+    total = first.size
+    if not np.isfinite(observed):
+        return TopTest(np.nan, total, "permutation", 0)
+    exceed = int(count_as_extreme(first, observed, "greater"))
+    nulls = [first]
+    in_top = int(np.sum(labels == 0))
+    while exceed < MIN_EXCEEDANCES and total < max_permutations:
+        more = min(total * STAGE_GROWTH, max_permutations) - total
+        stage = _top_null(C, in_top, measure, more, rng, batch_size)  # [more]
+        exceed += int(count_as_extreme(stage, observed, "greater"))
+        nulls.append(stage)
+        total += more
+    if exceed < MIN_EXCEEDANCES:
+        fit = gpd_tail_p(np.concatenate(nulls), observed)
+        if fit.ok:
+            # The observed top set is one of comb(n, n_top) equally likely ones: no p is smaller.
+            n_sets = math.comb(labels.size, in_top)
+            floor = 1.0 / n_sets if n_sets < 1e300 else 0.0
+            return TopTest(max(fit.p, floor), total, "gpd", exceed)
+    return TopTest((1.0 + exceed) / (1.0 + total), total, "permutation", exceed)
 
-    def homogeneity(assignment: np.ndarray) -> np.ndarray:
-        h = np.full(n_segments, np.nan)
-        for s in range(n_segments):
-            members = np.flatnonzero(assignment == s)
-            m = members.size
-            if m < 2:
-                continue
-            block = C[np.ix_(members, members)]
-            if measure == "pairwise":
-                h[s] = (block.sum() - np.trace(block)) / (m * (m - 1))
-            else:
-                h[s] = np.sqrt(max(block.sum(), 0.0)) / m
-        return h
 
-    observed = homogeneity(labels)
-    null = np.stack([homogeneity(labels[rng.permutation(labels.size)]) for _ in range(n_permutations)])
-    return summarise_null(observed, null, "greater")
+def _top_null(
+    C: np.ndarray, in_top: int, measure: str, count: int, rng: np.random.Generator, batch_size: int
+) -> np.ndarray:
+    """H_top [count] of the top segment of `count` shuffles of the activations.
+
+    The top segment of a shuffle is a uniform random set of in_top tokens, drawn here by a partial
+    Fisher-Yates shuffle of its first in_top (or, when the top is the larger segment, of the rest's
+    n - in_top) positions; the larger side's pair sum follows from the total, as in
+    `homogeneity._SegmentPairs`.
+    """
+    n = C.shape[0]
+    small = min(in_top, n - in_top) or in_top  # the side that is drawn and gathered
+    rows_i, cols_i = np.triu_indices(small, 1)
+    diagonal = np.diagonal(C)  # [n] 1, or 0 for a zero vector
+    off_diagonal_rows = C.sum(axis=1) - diagonal  # [n]
+    batch = int(np.clip(2**18 // max(rows_i.size, 1), batch_size, 4096))  # [batch, pairs] ~2 MB
+    out = np.empty(count)
+    for start in range(0, count, batch):
+        rows = min(batch, count - start)
+        idx = np.tile(np.arange(n), (rows, 1))  # [rows, n]
+        at = np.arange(rows)
+        for j in range(small):
+            k = rng.integers(j, n, size=rows)
+            idx[at, j], idx[at, k] = idx[at, k], idx[at, j]
+        chosen = idx[:, :small]  # [rows, small] a uniform random set of that size
+        flat = np.take(chosen, rows_i, axis=1) * n + np.take(chosen, cols_i, axis=1)  # [rows, pairs]
+        pair_sum = np.take(C.reshape(-1), flat).sum(axis=1)  # [rows] over pairs i < j
+        trace = diagonal[chosen].sum(axis=1)
+        if small != in_top:  # drew the rest: the top is its complement
+            pair_sum = off_diagonal_rows.sum() / 2 - off_diagonal_rows[chosen].sum(axis=1) + pair_sum
+            trace = diagonal.sum() - trace
+        if measure == "pairwise":
+            out[start : start + rows] = 2 * pair_sum / (in_top * (in_top - 1))
+        else:
+            out[start : start + rows] = np.sqrt(np.maximum(2 * pair_sum + trace, 0.0)) / in_top
+    return out
 
 
 def homogeneity_trend(h: np.ndarray) -> tuple[float, float]:
@@ -201,79 +190,11 @@ def homogeneity_trend(h: np.ndarray) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
-class SuccessiveTest:
-    """Mean cosine of tokens adjacent in activation order against shuffled orders."""
-
-    observed: float
-    null_mean: float
-    null_sd: float
-    z: float
-    p_greater: float
-    p_less: float
-
-
-def successive_similarity(
-    C: np.ndarray, acts: np.ndarray, n_permutations: int = 1000, seed: SeedLike = 0,
-    batch_size: int = DEFAULT_BATCH,
-) -> SuccessiveTest:
-    """Mean cos(x_(r), x_(r+1)) over neighbours in activation order, against shuffled activations
-    (whose expectation is H_all). p_greater: neighbours more similar than chance; p_less: the
-    sibling paper's "categorical discontinuity"."""
-    validate_null("pairwise", n_permutations)
-    rng = make_rng(seed)
-    order = activation_order(acts)
-    observed = _adjacent_mean(C, order[None, :])[0]
-    null = np.empty(n_permutations)
-    done = 0
-    for perms in permutation_batches(rng, order.size, n_permutations, batch_size):
-        # Shuffled activations rank token inv[order[r]] r-th: acts[perm][inv[k]] == acts[k].
-        ranked = inverse_permutations(perms)[:, order]  # [batch, n]
-        null[done : done + len(perms)] = _adjacent_mean(C, ranked)
-        done += len(perms)
-    return _successive_result(observed, null)
-
-
-def _adjacent_mean(C: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-    """Mean cosine of consecutive tokens of each row of ranked [batch, n] -> [batch]."""
-    if ranked.shape[1] < 2:
-        return np.full(ranked.shape[0], np.nan)
-    return C[ranked[:, :-1], ranked[:, 1:]].mean(axis=1)
-
-
-def _successive_null_loop(
-    C: np.ndarray, acts: np.ndarray, n_permutations: int = 1000, seed: SeedLike = 0
-) -> SuccessiveTest:
-    """Slow reference for `successive_similarity`: re-sort each shuffled activation vector."""
-    rng = make_rng(seed)
-    acts = np.asarray(acts, dtype=np.float64)
-    order = activation_order(acts)
-    observed = float(np.mean([C[order[r], order[r + 1]] for r in range(order.size - 1)]))
-    null = []
-    for _ in range(n_permutations):
-        shuffled_order = activation_order(acts[rng.permutation(acts.size)])
-        null.append(np.mean([C[shuffled_order[r], shuffled_order[r + 1]] for r in range(acts.size - 1)]))
-    return _successive_result(observed, np.asarray(null))
-
-
-def _successive_result(observed: float, null: np.ndarray) -> SuccessiveTest:
-    greater = summarise_null(observed, null, "greater")
-    less = summarise_null(observed, null, "less")
-    return SuccessiveTest(
-        float(observed),
-        float(greater.null_mean),
-        float(greater.null_sd),
-        float(greater.z),
-        float(greater.p),
-        float(less.p),
-    )
-
-
-@dataclass(frozen=True)
 class BottomUpResult:
     """segments: one row per segment; summary: flat per-neuron scalars."""
 
     segments: pd.DataFrame
-    summary: dict[str, float]
+    summary: dict[str, float | str]
 
 
 def bottom_up(
@@ -284,14 +205,16 @@ def bottom_up(
     measure: str = "pairwise",
     n_permutations: int = 1000,
     seed: SeedLike = 0,
+    max_permutations: int | None = None,
 ) -> BottomUpResult:
-    """Step 8 for one neuron: segment table (activation range, H, null, z, p) and the summary
-    H_all (the measure over all core tokens), H_top, H_rest (tokens outside segment 0), z_top, p_top, trend and successive test."""
+    """Step 8 for one neuron: segment table (activation range, H, null, z, p; first-stage null)
+    and the summary H_all (the measure over all core tokens), H_top, H_rest (tokens outside
+    segment 0), z_top, the sequential p_top (`homogeneity_test`), trend and successive test."""
     validate_null(measure, n_permutations)
     rng = make_rng(seed)
     acts = np.asarray(acts, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    test = homogeneity_null(C, labels, n_segments, measure, n_permutations, rng)
+    test, top = homogeneity_test(C, labels, n_segments, measure, n_permutations, max_permutations, rng)
     successive = successive_similarity(C, acts, n_permutations, rng)
 
     sizes = np.bincount(labels, minlength=n_segments)
@@ -326,7 +249,9 @@ def bottom_up(
         "h_rest": float(h_rest),
         "h_top_minus_rest": float(test.observed[0] - h_rest),
         "z_top": float(test.z[0]),
-        "p_top": float(test.p[0]),
+        "p_top": float(top.p),
+        "p_top_permutations": float(top.n_permutations),
+        "p_top_method": top.method,
         "trend_rho": trend_rho,
         "trend_p": trend_p,
         "successive_cos": successive.observed,

@@ -2,19 +2,34 @@
 
 Candidates are token types (values = mean activation per type; invalid = too few occurrences) or
 occurrences (values = the top-k activations). Selection is vectorised over blocks of neurons.
+
+Cross-fitting (unit=type, on by default): the tokens are chosen by their mean activation over one
+half of the corpus (even windows) and measured over the other (odd windows). Choosing and testing on
+the same means is a winner's curse: the chosen top of a noisy ranking is biased upward, most where a
+type is rare, and embeddings that encode frequency turn that bias into "structure". Each neuron
+also reports how well its core set replicates across the halves (`core_overlap`: the share of the
+top-n of one half that is in the top-n of the other; `core_reliability`: the Spearman correlation of
+the two halves' means over the core tokens), and a neuron whose core tokens barely stand out from
+its own activation distribution (`selectivity` in SDs, e.g. a dead neuron) is skipped with a reason.
+
+unit=occurrence merges the repeats of a token type among the top occurrences into one core token
+(their mean activation): repeats share one vector, and a permutation null that moved them
+independently would count one token's self-similarity as categorical homogeneity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy import stats
 
 from intraneuron.errors import ConfigError
 
 RULES = ("top_n", "fraction_of_max", "quantile", "positive")
 UNITS = ("type", "occurrence")
+REPEATS = ("merge", "keep")  # unit=occurrence: repeats of a type become one core token | stay apart
 
 # Neurons are processed in column blocks of about this many float64 values, so a 49k-token
 # vocabulary times 6,400 neurons never materialises as one float64 copy.
@@ -171,6 +186,10 @@ class CoreTokensConfig:
     min_core_tokens: int = 10
     drop_whitespace_punct: bool = False
     drop_byte_fragments: bool = False
+    drop_special: bool = True  # the tokenizer's special tokens (BOS, EOS, padding) are never core tokens
+    cross_fit: bool = True  # unit=type: choose on even windows, measure on odd windows
+    min_selectivity: float = 1.0  # core-token mean over the neuron's corpus mean, in its SDs
+    repeats: str = "merge"  # unit=occurrence: merge | keep (repeats of one type stay separate tokens)
 
     def validate(self) -> None:
         if self.unit not in UNITS:
@@ -180,6 +199,18 @@ class CoreTokensConfig:
             raise ConfigError("core_tokens.min_count", self.min_count, "an integer >= 1")
         if self.min_core_tokens < 3:
             raise ConfigError("core_tokens.min_core_tokens", self.min_core_tokens, "an integer >= 3")
+        if not np.isfinite(self.min_selectivity) or self.min_selectivity < 0:
+            raise ConfigError("core_tokens.min_selectivity", self.min_selectivity, "a number of SDs >= 0")
+        if self.repeats not in REPEATS:
+            raise ConfigError("core_tokens.repeats", self.repeats, REPEATS)
+
+    @property
+    def stats_needed(self) -> frozenset[str]:
+        """The extraction statistics `select` reads."""
+        needed = {"moments"} if self.min_selectivity > 0 else set()
+        if self.unit == "occurrence":
+            return frozenset(needed | {"topk"})
+        return frozenset(needed | {"fold_token_types" if self.cross_fit else "token_types"})
 
     def check_against_top_k(self, top_k: int) -> None:
         """unit=occurrence draws from the extraction's top-k occurrences: it cannot ask for more."""
@@ -190,46 +221,122 @@ class CoreTokensConfig:
         if wanted is None or wanted > top_k:
             raise ConfigError(key, wanted, f"<= extraction.top_k={top_k} (occurrences kept per neuron)")
 
-    def keep_mask(self, token_texts: list[str]) -> np.ndarray | None:
-        """[vocab] keep-mask of the core-token filters, or None when both are off."""
-        if not (self.drop_whitespace_punct or self.drop_byte_fragments):
+    def keep_mask(self, token_texts: list[str], special_ids: Sequence[int] = ()) -> np.ndarray | None:
+        """[vocab] keep-mask of the core-token filters, or None when every filter is off.
+        special_ids: the tokenizer's special tokens, dropped when `drop_special`."""
+        special = [i for i in special_ids if 0 <= i < len(token_texts)] if self.drop_special else []
+        if not (self.drop_whitespace_punct or self.drop_byte_fragments or special):
             return None
-        return token_filter_mask(token_texts, self.drop_whitespace_punct, self.drop_byte_fragments)
+        keep = token_filter_mask(token_texts, self.drop_whitespace_punct, self.drop_byte_fragments)
+        keep[special] = False
+        return keep
 
     def select(self, profile, neurons: np.ndarray, keep_token: np.ndarray | None = None) -> list[CoreTokens]:
         """Core tokens of each neuron in `neurons` [m] from one layer's ActivationProfile.
 
-        unit="type": candidates are the token types seen at least `min_count` times, valued by
-        their mean activation; unit="occurrence": the neuron's top-k activating positions.
-        keep_token: [vocab] bool, False for tokens the filters drop (None keeps all).
+        unit="type": candidates are the token types seen at least `min_count` times (in each half
+        when cross-fitting), valued by their mean activation; unit="occurrence": the neuron's top-k
+        activating positions. keep_token: [vocab] bool, False for tokens the filters drop.
         """
-        rule = (self.rule, self.n, self.tau, self.q, self.max_tokens)
-        if self.unit == "type":
-            type_ids = profile.numpy("type_ids")  # [T]
-            values = profile.numpy("type_mean")[:, neurons]  # [T, m]
-            valid = profile.numpy("type_count") >= self.min_count  # [T]
-            if keep_token is not None:
-                valid &= keep_token[type_ids]
-            picked = select_core_tokens(values, valid, *rule)
-            return [
-                CoreTokens(int(neuron), type_ids[idx], values[idx, j].astype(np.float64))
-                for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
-            ]
+        neurons = np.asarray(neurons, dtype=np.int64)
+        if self.unit == "occurrence":
+            cores = self._select_occurrences(profile, neurons, keep_token)
+        elif self.cross_fit:
+            cores = self._select_cross_fitted(profile, neurons, keep_token)
+        else:
+            cores = self._select_types(profile, neurons, keep_token)
+        if self.min_selectivity > 0:
+            cores = self._skip_unselective(profile, cores)
+        return cores
+
+    @property
+    def _rule(self) -> tuple:
+        return (self.rule, self.n, self.tau, self.q, self.max_tokens)
+
+    def _select_types(self, profile, neurons, keep_token) -> list[CoreTokens]:
+        type_ids = profile.numpy("type_ids")  # [T]
+        values = profile.numpy("type_mean")[:, neurons]  # [T, m]
+        valid = profile.numpy("type_count") >= self.min_count  # [T]
+        if keep_token is not None:
+            valid &= keep_token[type_ids]
+        picked = select_core_tokens(values, valid, *self._rule)
+        return [
+            CoreTokens(int(neuron), type_ids[idx], values[idx, j].astype(np.float64))
+            for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
+        ]
+
+    def _select_cross_fitted(self, profile, neurons, keep_token) -> list[CoreTokens]:
+        type_ids, counts, means = profile.split_type_stats()  # [T], [2, T], [2, T, D]
+        valid = (counts >= self.min_count).all(axis=0)  # [T]: enough occurrences in both halves
+        if keep_token is not None:
+            valid &= keep_token[type_ids]
+        chosen_on, measured_on = means[0][:, neurons], means[1][:, neurons]  # [T, m] each
+        picked = select_core_tokens(chosen_on, valid, *self._rule)
+        # the same rule on the other half gives the replication of the core set
+        replicated = select_core_tokens(measured_on, valid, *self._rule)
+        cores = []
+        for j, (neuron, idx, other) in enumerate(zip(neurons, picked, replicated, strict=True)):
+            acts = measured_on[idx, j].astype(np.float64)
+            overlap = len(np.intersect1d(idx, other)) / len(idx) if len(idx) else np.nan
+            reliability = _spearman(chosen_on[idx, j], acts)
+            # highest measured activation first, as everywhere downstream
+            order = np.lexsort((type_ids[idx], -acts))
+            cores.append(CoreTokens(int(neuron), type_ids[idx][order], acts[order],
+                                    core_overlap=overlap, core_reliability=reliability))  # fmt: skip
+        return cores
+
+    def _select_occurrences(self, profile, neurons, keep_token) -> list[CoreTokens]:
         token_ids = profile.numpy("topk_token_ids")[neurons]  # [m, K]
         values = profile.numpy("topk_values")[neurons].astype(np.float64)  # [m, K], -inf = unfilled
         if keep_token is not None:
             values = np.where(keep_token[token_ids], values, np.nan)  # NaN is never selected
-        picked = select_core_tokens(values.T, None, *rule)
-        return [
-            CoreTokens(int(neuron), token_ids[j, idx], values[j, idx])
-            for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
-        ]
+        if self.repeats == "keep":
+            picked = select_core_tokens(values.T, None, *self._rule)
+            return [
+                CoreTokens(int(neuron), token_ids[j, idx], values[j, idx])
+                for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
+            ]
+        cores = []
+        for j, neuron in enumerate(neurons):
+            filled = np.isfinite(values[j])
+            ids, inverse = np.unique(token_ids[j, filled], return_inverse=True)
+            merged = np.bincount(inverse, weights=values[j, filled], minlength=ids.size)
+            merged /= np.maximum(np.bincount(inverse, minlength=ids.size), 1)  # [u] mean per type
+            (idx,) = select_core_tokens(merged[:, None], None, *self._rule)
+            cores.append(CoreTokens(int(neuron), ids[idx], merged[idx]))
+        return cores
+
+    def _skip_unselective(self, profile, cores: list[CoreTokens]) -> list[CoreTokens]:
+        """Mark neurons whose core tokens sit less than `min_selectivity` SDs above the neuron's
+        corpus mean (dead or nearly flat neurons): their "core" is noise."""
+        mean, var = profile.numpy("act_mean"), profile.numpy("act_var")  # [D] each
+        marked = []
+        for core in cores:
+            sd = float(np.sqrt(var[core.neuron]))
+            selectivity = (float(core.acts.mean()) - float(mean[core.neuron])) / sd if sd > 0 and len(core.acts) else 0.0
+            skipped = ""
+            if selectivity < self.min_selectivity:
+                skipped = (f"selectivity {selectivity:.2f} SD < core_tokens.min_selectivity={self.min_selectivity:g}"
+                           if sd > 0 else "constant activation over the corpus (dead neuron)")  # fmt: skip
+            marked.append(replace(core, selectivity=selectivity, skipped=skipped))
+        return marked
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return np.nan
+    return float(stats.spearmanr(a, b)[0])
 
 
 @dataclass(frozen=True)
 class CoreTokens:
-    """One neuron's core tokens, highest activation first."""
+    """One neuron's core tokens, highest activation first. acts are measured on the half of the
+    corpus the tokens were not chosen on when cross-fitting."""
 
     neuron: int
-    token_ids: np.ndarray  # [n] vocabulary ids (repeats possible for unit="occurrence")
+    token_ids: np.ndarray  # [n] vocabulary ids (repeats only for unit=occurrence, repeats=keep)
     acts: np.ndarray  # [n] mean activation of the type, or the occurrence's activation
+    core_overlap: float = np.nan  # cross-fitting: share of the core set chosen again on the other half
+    core_reliability: float = np.nan  # cross-fitting: Spearman of the two halves' means over the core
+    selectivity: float = np.nan  # (mean core activation - corpus mean) / corpus SD
+    skipped: str = field(default="")  # why the neuron is not analysed ("" = it is)

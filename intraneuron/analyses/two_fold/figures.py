@@ -31,12 +31,21 @@ P_VALUES: dict[str, str] = {
     "kruskal_p": "p, Kruskal-Wallis across categories\n(differentiation)",
 }
 P_BINS = 20
+# column -> axis label: the statistics whose layer null the pseudo-neurons give
+GEOMETRY_NULL: dict[str, str] = {
+    "z_top": "top-segment homogeneity z",
+    "h_top_minus_rest": "homogeneity: top segment − rest",
+    "trend_rho": "homogeneity trend over segments (ρ)",
+    "epsilon2": "differentiation ε²",
+    "ari": "ARI categories vs segments",
+    "silhouette": "silhouette of the chosen K",
+}
 
 
 def layer_figures(tables: dict[str, pd.DataFrame], layer: int, alpha: float) -> dict[str, Figure]:
     """Figures of one layer from the tables of `two_fold.layer.analyse_layer`, by name:
-    homogeneity_by_segment, neuron_distributions, top_segment_p_values, k_curve. A figure whose
-    data is empty is left out."""
+    homogeneity_by_segment, neuron_distributions, top_segment_p_values, k_curve, and with
+    pseudo-neurons geometry_null. A figure whose data is empty is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +57,7 @@ def layer_figures(tables: dict[str, pd.DataFrame], layer: int, alpha: float) -> 
         "neuron_distributions": lambda: neuron_distributions(analysed, layer, len(neurons)),
         "top_segment_p_values": lambda: top_segment_p_values(analysed, layer, alpha),
         "k_curve": lambda: k_curve(tables.get("k_curve", empty), analysed, layer),
+        "geometry_null": lambda: geometry_null(analysed, tables.get("pseudo_neurons", empty), layer),
     }  # fmt: skip
     figures = {}
     for name, make in makers.items():
@@ -194,9 +204,9 @@ def top_segment_p_values(analysed: pd.DataFrame, layer: int, alpha: float) -> Fi
 
 
 def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure | None:
-    """The cosine silhouette of each K over the neurons whose K was chosen by silhouette (median
-    and interquartile band), beside how often each K was chosen: a flat curve means the categories
-    are weak whatever K, a peak that K is real."""
+    """The silhouette of each K over the neurons (median and interquartile band), beside how often
+    each K was chosen (K = 1 when the gap statistic finds no categorical structure): a flat curve
+    means the categories are weak whatever K, a peak that K is real."""
     from matplotlib import pyplot as plt
 
     s = _column(curves, "silhouette")
@@ -205,7 +215,7 @@ def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure 
     by_k = pd.DataFrame({"k": curves["k"], "silhouette": s}).dropna().groupby("k")["silhouette"]
     ks = by_k.median().index.to_numpy()
     chosen = _finite(_column(analysed, "n_categories"))
-    chosen = chosen[chosen >= 2]
+    chosen = chosen[chosen >= 1]  # K = 1: no categorical structure
     data = {
         "k": ks,
         "median": by_k.median().to_numpy(),
@@ -221,8 +231,39 @@ def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure 
     curve_ax.set(xlabel="number of categories K", ylabel="cosine silhouette of the K clusters", xticks=ks)
     curve_ax.legend(fontsize="small")
     count_ax.bar(data["chosen_k"], data["chosen_count"], color="tab:gray")
-    count_ax.set(xlabel="K chosen (best silhouette)", ylabel="neurons", xticks=data["chosen_k"])
+    count_ax.set(xlabel="K chosen (1 = no categorical structure)", ylabel="neurons", xticks=data["chosen_k"])
     fig.suptitle(f"layer {layer}: K-curve over {int(data['n_neurons'].max())} neurons")
+    return _finish(fig, data)
+
+
+def geometry_null(analysed: pd.DataFrame, pseudo: pd.DataFrame, layer: int) -> Figure | None:
+    """Each statistic over the real neurons against its distribution over the pseudo-neurons (random
+    read-in directions through the same pipeline): what geometry alone produces in this layer. A
+    real effect is the part of the blue histogram beyond the grey one."""
+    from matplotlib import pyplot as plt
+
+    if pseudo.empty:
+        return None
+    pseudo = pseudo[_blank(pseudo, "skipped")]
+    columns = [c for c in GEOMETRY_NULL if _finite(_column(analysed, c)).size and _finite(_column(pseudo, c)).size]
+    if not columns:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5), layout="constrained")
+    data: dict[str, np.ndarray] = {}
+    for ax, column in zip(axes.flat, GEOMETRY_NULL, strict=True):
+        ax.set(xlabel=GEOMETRY_NULL[column], ylabel="share of neurons")
+        if column not in columns:
+            ax.set_axis_off()
+            continue
+        real, null = _finite(_column(analysed, column)), _finite(_column(pseudo, column))
+        data[column], data[f"{column}.pseudo"] = real, null
+        edges = np.histogram_bin_edges(np.concatenate([real, null]), bins=_n_bins(real.size))
+        ax.hist(null, bins=edges, density=True, color="tab:gray", alpha=0.6, label=f"pseudo-neurons ({null.size})")
+        ax.hist(real, bins=edges, density=True, color="tab:blue", alpha=0.6, label=f"neurons ({real.size})")
+        ax.axvline(np.median(null), color="black", linestyle=":", linewidth=1)
+        ax.set_title(f"median {np.median(real):.3g} vs null {np.median(null):.3g}", fontsize="medium")
+        ax.legend(fontsize="small")
+    fig.suptitle(f"layer {layer}: neurons against the pseudo-neuron (geometry) null")
     return _finish(fig, data)
 
 

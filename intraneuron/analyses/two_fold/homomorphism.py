@@ -1,8 +1,11 @@
 """Step 9: how far the categorical and the activation segmentations agree.
 
-ARI/NMI between category labels and segment labels, and a Mantel-style test of activation
-proximity against categorical proximity: Spearman over token pairs between |a_i - a_j| and the
-cosine distance 1 - cos(x_i, x_j). Both are our proposals, not the paper's (paper_methods.md 1.4).
+ARI and AMI (both chance-adjusted: 0 for independent partitions) between category labels and
+segment labels, and a Mantel-style test of activation proximity against categorical proximity:
+Spearman over token pairs between an activation distance and the cosine distance 1 - cos(x_i, x_j).
+The activation distance is |rank_i - rank_j| by default ("rank"): on raw |a_i - a_j| ("absolute")
+the dense mass of low activations, all within a hair of each other, outweighs the few high ones.
+Both are our proposals, not the paper's (paper_methods.md 1.4).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
 from intraneuron.errors import ConfigError
 from intraneuron.stats.permutation import (
@@ -24,9 +27,11 @@ from intraneuron.stats.permutation import (
     summarise_null,
 )
 
+MANTEL_DISTANCES = ("rank", "absolute")
+
 
 def partition_agreement(categories: np.ndarray, segments: np.ndarray) -> tuple[float, float]:
-    """(ARI, NMI) between category and segment labels over tokens with a category (label >= 0)."""
+    """(ARI, AMI) between category and segment labels over tokens with a category (label >= 0)."""
     categories, segments = np.asarray(categories), np.asarray(segments)
     if categories.shape != segments.shape:
         raise ValueError(f"label shapes differ: {categories.shape} vs {segments.shape}")
@@ -34,8 +39,32 @@ def partition_agreement(categories: np.ndarray, segments: np.ndarray) -> tuple[f
     if covered.sum() < 2:
         return np.nan, np.nan
     ari = adjusted_rand_score(categories[covered], segments[covered])
-    nmi = normalized_mutual_info_score(categories[covered], segments[covered])
-    return float(ari), float(nmi)
+    ami = adjusted_mutual_info_score(categories[covered], segments[covered])
+    return float(ari), float(ami)
+
+
+def adjusted_rand(categories: np.ndarray, segments: np.ndarray) -> float:
+    """sklearn's adjusted_rand_score over tokens with a category (label >= 0), from one bincount
+    contingency table (the K-curve computes it for every K)."""
+    categories, segments = np.asarray(categories), np.asarray(segments)
+    covered = categories >= 0
+    if covered.sum() < 2:
+        return np.nan
+    _, a = np.unique(categories[covered], return_inverse=True)
+    _, b = np.unique(segments[covered], return_inverse=True)
+    n, n_b = a.size, int(b.max()) + 1
+    table = np.bincount(a * n_b + b).astype(np.float64)
+
+    def pairs(counts: np.ndarray) -> float:
+        return float(np.sum(counts * (counts - 1)) / 2)
+
+    index = pairs(table)
+    rows, cols = pairs(np.bincount(a).astype(np.float64)), pairs(np.bincount(b).astype(np.float64))
+    expected = rows * cols / (n * (n - 1) / 2)
+    maximum = (rows + cols) / 2
+    if maximum == expected:  # both partitions trivial (one cluster, or all singletons): sklearn's 1
+        return 1.0
+    return float((index - expected) / (maximum - expected))
 
 
 @dataclass(frozen=True)
@@ -56,14 +85,16 @@ def mantel_activation_cosine(
     seed: SeedLike = 0,
     alternative: Alternative = "greater",
     batch_size: int = DEFAULT_BATCH,
+    distance: str = "rank",
 ) -> MantelResult:
-    """Mantel test over token pairs i < j: Spearman(|a_i - a_j|, 1 - C_ij); the null shuffles
+    """Mantel test over token pairs i < j: Spearman(d_ij, 1 - C_ij), d_ij = |r_i - r_j| with r the
+    activations' ranks (distance "rank") or |a_i - a_j| ("absolute"); the null shuffles
     the activations. "greater" (default) tests that tokens close in activation are close in
     meaning. Shuffling moves the ranks of the activation distances with the tokens, so each
     permutation costs one gather of the centred rank matrix and a dot product."""
     if not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
         raise ConfigError("analysis.n_mantel_permutations", n_permutations, "an integer >= 1")
-    acts = np.asarray(acts, dtype=np.float64)
+    acts = _mantel_values(acts, distance)
     n = acts.size
     if C.shape != (n, n):
         raise ValueError(f"C must be [{n}, {n}], got {C.shape}")
@@ -96,9 +127,12 @@ def _mantel_null_loop(
     n_permutations: int = 999,
     seed: SeedLike = 0,
     alternative: Alternative = "greater",
+    distance: str = "rank",
 ) -> MantelResult:
     """Slow reference for `mantel_activation_cosine`: scipy's spearmanr on each shuffle."""
     acts = np.asarray(acts, dtype=np.float64)
+    if distance == "rank":
+        acts = stats.rankdata(acts)
     rows, cols = np.triu_indices(acts.size, 1)
     cos_dist = 1.0 - C[rows, cols]
     observed = stats.spearmanr(np.abs(acts[rows] - acts[cols]), cos_dist).statistic
@@ -109,6 +143,18 @@ def _mantel_null_loop(
         null.append(stats.spearmanr(np.abs(shuffled[rows] - shuffled[cols]), cos_dist).statistic)
     test = summarise_null(observed, np.asarray(null), alternative)
     return MantelResult(float(observed), float(test.p), float(test.null_mean), float(test.null_sd), n_permutations)
+
+
+def validate_mantel_distance(distance: str) -> None:
+    if distance not in MANTEL_DISTANCES:
+        raise ConfigError("analysis.mantel_distance", distance, MANTEL_DISTANCES)
+
+
+def _mantel_values(acts: np.ndarray, distance: str) -> np.ndarray:
+    """What |x_i - x_j| is taken of: the activations' ranks (ties averaged) or the activations."""
+    validate_mantel_distance(distance)
+    acts = np.asarray(acts, dtype=np.float64)
+    return stats.rankdata(acts) if distance == "rank" else acts
 
 
 def _centred_ranks(values: np.ndarray) -> np.ndarray:
