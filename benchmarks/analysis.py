@@ -141,7 +141,7 @@ def main() -> None:
     print("\nper stage, one planted neuron, 1 thread (ms per call)")
     with threadpool_limits(1):
         for name, seconds in stage_times(*neurons[0]).items():
-            print(f"  {name:<30} {seconds * 1e3:>7.1f}")
+            print(f"  {name:<36} {seconds * 1e3:>7.1f}")
 
 
 if __name__ == "__main__":

@@ -213,3 +213,26 @@ def test_k_curve_peaks_at_the_number_of_planted_vector_clusters(null_tables):
     assert data["k"][np.argmax(data["median"])] == 4
     assert data["chosen_count"][list(data["chosen_k"]).index(4)] >= 0.9 * data["chosen_count"].sum()
     assert (null_tables["k_curve"].groupby("neuron").size() == 8).all()  # K = 1..8 for each neuron (gap)
+
+
+def test_geometry_null_plots_each_statistic_of_neurons_against_the_pseudo_neurons(planted_tables, null_tables):
+    """With pseudo-neurons (here the null layer's neurons stand in for them) the layer gets the
+    geometry_null figure, whose data are the analysed neurons' and pseudo-neurons' finite values."""
+    from intraneuron.analyses.two_fold.figures import GEOMETRY_NULL
+
+    tables = {**planted_tables, "pseudo_neurons": null_tables["neurons"]}
+    figures = layer_figures(tables, LAYER, ALPHA)
+    assert set(figures) == NAMES | {"geometry_null"}
+    fig = figures["geometry_null"]
+    assert_closed_png_with_data(fig, "geometry_null", f"layer {LAYER}: neurons against the pseudo-neuron")
+    data = fig.intraneuron_data
+    analysed = planted_tables["neurons"][planted_tables["neurons"]["skipped"] == ""]
+    pseudo = null_tables["neurons"][null_tables["neurons"]["skipped"] == ""]
+    for column in GEOMETRY_NULL:
+        if column not in data:
+            assert analysed[column].isna().all() or pseudo[column].isna().all(), column
+            continue
+        np.testing.assert_array_equal(data[column], analysed[column].dropna().to_numpy(dtype=float))
+        np.testing.assert_array_equal(data[f"{column}.pseudo"], pseudo[column].dropna().to_numpy(dtype=float))
+    assert "z_top" in data and data["z_top"].mean() > data["z_top.pseudo"].mean()  # planted tops stand out
+    assert "geometry_null" not in layer_figures(planted_tables, LAYER, ALPHA)  # no pseudo-neurons, no figure

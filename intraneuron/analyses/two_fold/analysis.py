@@ -49,6 +49,10 @@ class TwoFoldAnalysis(Analysis):
         "top_minus_rest_homogeneity_median": "bottomup/h_top_minus_rest/median",
         "category_segment_ari_median": "homomorphism/ari/median",
         "activation_cosine_mantel_frac": "homomorphism/mantel_sig_frac_bh",
+        # against the layer's pseudo-neurons (geometry alone) rather than each neuron's own null
+        "no_categories_frac": "neurons/topdown_skipped_frac",  # K = 1 (gap statistic) or too few tokens
+        "top_segment_above_geometry_frac": "geometry/z_top_sig_frac_bh",
+        "differentiation_above_geometry_frac": "geometry/epsilon2_sig_frac_bh",
     }
 
     # neurons-table columns a card selection ranks by (report.top_by); the first is the default:
