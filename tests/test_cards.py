@@ -19,7 +19,7 @@ from intraneuron.reports.cards import Context, NeuronCard, select_neurons
 from intraneuron.reports.config import ReportConfig
 
 TINY = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=8192", "layer=[0,1]",
-        "core_tokens.n=30", "core_tokens.min_count=2", "neurons=range", "neurons.stop=24",
+        "core_tokens.n=30", "core_tokens.min_count=2", "neurons=range", "neurons.stop=24", "extraction.pseudo_neurons=16",
         "analysis.n_permutations=19", "analysis.n_mantel_permutations=19", "extraction.progress=false",
         # a random tiny model has no categories (the gap statistic says K = 1): K >= 2 by silhouette
         # and no selectivity floor give every card its category figures

@@ -1,6 +1,7 @@
 """Golden numbers: small fixed two-fold runs give exactly the per-neuron tables and layer metrics
-stored in tests/golden/two_fold.json (written by the code at the commit recorded in the file,
-before the analyses moved behind the Analysis seam). A refactor must not move a single number.
+stored in tests/golden/two_fold.json (written by the code at the commit recorded in the file: the
+geometry-controlled defaults, cross-fitted core tokens, the gap statistic's K and the sequential
+top-segment p, with 16 pseudo-neurons per layer). A refactor must not move a single number.
 
 Regenerate only for a change that is meant to change the numbers:
     .venv/bin/python -m tests.test_golden --write
