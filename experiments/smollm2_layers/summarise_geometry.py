@@ -57,8 +57,13 @@ EXCESS = {  # bars of geometry_excess.png
 
 def job_label(run) -> str:
     params = run.data.params
-    projected = "projected" if params.get("embedding.project_read_in") == "True" else "raw"
+    projected = "projected" if params.get("embedding.project_read_in", "").lower() == "true" else "raw"
     return f"{params['embedding.source']} / {projected}"
+
+
+def _max_tokens(run) -> str:
+    value = run.data.params.get("corpus.max_tokens", "null")
+    return "all (1.5M)" if value in ("null", "None", "") else f"{int(value):,}"
 
 
 def finished_children(client: MlflowClient, experiment_id: str, parent_id: str) -> list:
@@ -86,9 +91,15 @@ def main() -> None:
     rows, summaries = [], {}
     for run, layer in jobs:
         metrics = load_summary(client, run.info.run_id, layer)
+        for key in COLUMNS:  # a median the run's code did not aggregate yet: from the neurons table
+            if key not in metrics and key.endswith("/median"):
+                neurons = load_table(client, run.info.run_id, layer, "neurons")
+                column = key.split("/")[1]
+                analysed = neurons[neurons["skipped"].fillna("") == ""]
+                metrics[key] = float(analysed[column].median()) if column in neurons else np.nan
         summaries[(job_label(run), layer)] = metrics
         rows.append({"job (embedding / vectors)": job_label(run), "layer": layer,
-                     "tokens": int(float(run.data.params.get("corpus.max_tokens") or 0)) or "all"}
+                     "tokens": _max_tokens(run)}
                     | {title: metrics.get(key) for key, title in COLUMNS.items()})  # fmt: skip
     results = pd.DataFrame(rows).sort_values(["layer", "job (embedding / vectors)"])
     header = (

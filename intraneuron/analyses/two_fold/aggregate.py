@@ -35,6 +35,8 @@ DISTRIBUTIONS: dict[str, str] = {
     "topdown/overlap_mean": "overlap_mean",
     "topdown/overlap_frac_positive": "overlap_frac_positive",
     "topdown/interleaving_mean": "interleaving_mean",
+    "topdown/interleaving_z": "interleaving_z",  # against its null: < 0 = less interleaved than chance
+    "topdown/overlap_z": "overlap_z",
     "bottomup/h_all": "h_all",
     "bottomup/h_top_minus_rest": "h_top_minus_rest",
     "bottomup/z_top": "z_top",

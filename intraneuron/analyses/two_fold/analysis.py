@@ -230,9 +230,8 @@ class TwoFoldAnalysis(Analysis):
         """The neuron's core tokens by category (as its row of the tables was computed: same
         tokens, vectors, categories and seed) and its activation-by-category, homogeneity-by-segment
         and 2-D projection figures."""
-        from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
-
         from intraneuron.analyses.two_fold.geometry import project_out
+        from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
 
         groups, texts = job.run.groups, job.token_texts
         core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_)[0]
