@@ -77,6 +77,7 @@ CASES = [
     case("model-unknown-key", "+model.revison=main", key="model.revison"),
     # corpus
     case("corpus-window-len-zero", "corpus.window_len=0", key="corpus.window_len"),
+    case("corpus-prepend-bos-type", "corpus.prepend_bos=maybe", key="corpus.prepend_bos"),
     case("corpus-window-len-bos", "corpus.window_len=1", "corpus.prepend_bos=true", key="corpus.window_len"),
     case("corpus-window-len-type", "corpus.window_len=abc", key="corpus.window_len"),
     case("corpus-max-tokens-below-window", "corpus.max_tokens=10", key="corpus.max_tokens"),
@@ -102,6 +103,8 @@ CASES = [
          key="corpus.options.paths"),
     # extraction
     case("extraction-top-k-zero", "extraction.top_k=0", key="extraction.top_k"),
+    case("extraction-pseudo-neurons-negative", "extraction.pseudo_neurons=-1", key="extraction.pseudo_neurons"),
+    case("extraction-skip-first-negative", "extraction.skip_first_positions=-1", key="extraction.skip_first_positions"),
     case("extraction-top-k-type", "extraction.top_k=many", key="extraction.top_k"),
     case("extraction-hist-range-empty", "extraction.hist_min=5", "extraction.hist_max=5", key="extraction.hist_min"),
     case("extraction-hist-min-nan", "extraction.hist_min=nan", key="extraction.hist_min"),
@@ -191,6 +194,8 @@ CASES = [
     case("analysis-alpha-null", "analysis.alpha=null", key="analysis.alpha"),
     case("analysis-alias-alpha", "analysis=intraneuron", "analysis.alpha=0", key="analysis.alpha"),
     case("analysis-n-permutations", "analysis.n_permutations=0", key="analysis.n_permutations"),
+    case("analysis-max-permutations-below-first-stage", "analysis.n_permutations=1000",
+         "analysis.max_permutations=500", key="analysis.max_permutations"),
     case("analysis-n-permutations-type", "analysis.n_permutations=many", key="analysis.n_permutations"),
     case("analysis-n-mantel-negative", "analysis.n_mantel_permutations=-1", key="analysis.n_mantel_permutations"),
     case("analysis-homogeneity", "analysis.homogeneity=median", key="analysis.homogeneity"),

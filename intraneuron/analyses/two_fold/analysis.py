@@ -148,8 +148,7 @@ class TwoFoldAnalysis(Analysis):
         tables = self._analyse(job, layer, profile, neurons, progress_label=f"analyse layer {layer}")
         rows = tables["neurons"]
         pseudo_rows = None
-        pseudo = profile.pseudo() if hasattr(profile, "pseudo") else None
-        if pseudo is not None:
+        if (pseudo := profile.pseudo()) is not None:
             # the layer's geometry null: random read-in directions through the same pipeline
             pseudo_tables = self._analyse(job, layer, pseudo, np.arange(pseudo.d_mlp), pseudo=True,
                                           progress_label=f"pseudo-neurons layer {layer}")  # fmt: skip
