@@ -205,6 +205,10 @@ def test_k_curve_data_is_the_silhouette_table_summarised_over_neurons(tables):
     np.testing.assert_allclose(data["q75"], by_k.quantile(0.75).to_numpy())
     chosen = _analysed(tables)["n_categories"].to_numpy()
     assert data["chosen_count"].sum() == np.sum(chosen >= 1)  # K = 1: the gap found no categories
+    by_gap = tables["k_curve"].dropna(subset=["gap"]).groupby("k")["gap"]  # the criterion, K = 1 included
+    np.testing.assert_array_equal(data["gap_k"], by_gap.median().index.to_numpy())
+    np.testing.assert_allclose(data["gap_median"], by_gap.median().to_numpy())
+    np.testing.assert_allclose(data["gap_q25"], by_gap.quantile(0.25).to_numpy())
 
 
 def test_k_curve_peaks_at_the_number_of_planted_vector_clusters(null_tables):

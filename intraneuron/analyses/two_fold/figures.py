@@ -204,9 +204,9 @@ def top_segment_p_values(analysed: pd.DataFrame, layer: int, alpha: float) -> Fi
 
 
 def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure | None:
-    """The silhouette of each K over the neurons (median and interquartile band), beside how often
-    each K was chosen (K = 1 when the gap statistic finds no categorical structure): a flat curve
-    means the categories are weak whatever K, a peak that K is real."""
+    """The gap statistic of each K over the neurons (median and interquartile band; the criterion
+    that chose K, K = 1 included) with the silhouette beside it, and how often each K was chosen:
+    a flat curve means the categories are weak whatever K, a peak that K is real."""
     from matplotlib import pyplot as plt
 
     s = _column(curves, "silhouette")
@@ -225,14 +225,28 @@ def k_curve(curves: pd.DataFrame, analysed: pd.DataFrame, layer: int) -> Figure 
         "chosen_k": np.array(sorted(set(chosen.astype(int)))),
         "chosen_count": np.array([int(np.sum(chosen == k)) for k in sorted(set(chosen.astype(int)))]),
     }
+    gap = _column(curves, "gap")
     fig, (curve_ax, count_ax) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    curve_ax.fill_between(ks, data["q25"], data["q75"], color="tab:blue", alpha=0.25, label="interquartile")
-    curve_ax.plot(ks, data["median"], marker="o", color="tab:blue", label="median over neurons")
-    curve_ax.set(xlabel="number of categories K", ylabel="cosine silhouette of the K clusters", xticks=ks)
-    curve_ax.legend(fontsize="small")
+    silhouette_ax = curve_ax
+    if np.isfinite(gap.to_numpy()).any():
+        by_gap = pd.DataFrame({"k": curves["k"], "gap": gap}).dropna().groupby("k")["gap"]
+        data.update(gap_k=by_gap.median().index.to_numpy(), gap_median=by_gap.median().to_numpy(),
+                    gap_q25=by_gap.quantile(0.25).to_numpy(), gap_q75=by_gap.quantile(0.75).to_numpy())  # fmt: skip
+        curve_ax.fill_between(data["gap_k"], data["gap_q25"], data["gap_q75"], color="tab:green", alpha=0.2)
+        curve_ax.plot(data["gap_k"], data["gap_median"], marker="o", color="tab:green", label="gap, median")
+        curve_ax.set(xlabel="number of categories K", ylabel="gap statistic (green)", xticks=data["gap_k"])
+        silhouette_ax = curve_ax.twinx()
+    silhouette_ax.fill_between(ks, data["q25"], data["q75"], color="tab:blue", alpha=0.2)
+    silhouette_ax.plot(ks, data["median"], marker="s", color="tab:blue", label="silhouette, median")
+    silhouette_ax.set(ylabel="silhouette in the clusterer's distance (blue)")
+    curve_ax.set(xlabel="number of categories K")
+    if silhouette_ax is curve_ax:
+        curve_ax.set(xticks=ks)
+    handles = [h for ax in {curve_ax, silhouette_ax} for h in ax.get_legend_handles_labels()[0]]
+    curve_ax.legend(handles=handles, loc="lower right", fontsize="small")
     count_ax.bar(data["chosen_k"], data["chosen_count"], color="tab:gray")
     count_ax.set(xlabel="K chosen (1 = no categorical structure)", ylabel="neurons", xticks=data["chosen_k"])
-    fig.suptitle(f"layer {layer}: K-curve over {int(data['n_neurons'].max())} neurons")
+    fig.suptitle(f"layer {layer}: K-curve over {int(data['n_neurons'].max())} neurons (median, interquartile band)")
     return _finish(fig, data)
 
 
