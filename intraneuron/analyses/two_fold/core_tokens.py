@@ -20,7 +20,7 @@ independently would count one token's self-similarity as categorical homogeneity
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -204,14 +204,6 @@ class CoreTokensConfig:
         if self.repeats not in REPEATS:
             raise ConfigError("core_tokens.repeats", self.repeats, REPEATS)
 
-    @property
-    def stats_needed(self) -> frozenset[str]:
-        """The extraction statistics `select` reads."""
-        needed = {"moments"} if self.min_selectivity > 0 else set()
-        if self.unit == "occurrence":
-            return frozenset(needed | {"topk"})
-        return frozenset(needed | {"fold_token_types" if self.cross_fit else "token_types"})
-
     def check_against_top_k(self, top_k: int) -> None:
         """unit=occurrence draws from the extraction's top-k occurrences: it cannot ask for more."""
         if self.unit != "occurrence":
@@ -339,4 +331,4 @@ class CoreTokens:
     core_overlap: float = np.nan  # cross-fitting: share of the core set chosen again on the other half
     core_reliability: float = np.nan  # cross-fitting: Spearman of the two halves' means over the core
     selectivity: float = np.nan  # (mean core activation - corpus mean) / corpus SD
-    skipped: str = field(default="")  # why the neuron is not analysed ("" = it is)
+    skipped: str = ""  # why the neuron is not analysed ("" = it is)
