@@ -5,19 +5,31 @@ hash, window length, layer, sites, reducer settings, engine version) and nothing
 over analysis-only settings (thresholds, clustering, segmentation) extracts once. An entry is a
 folder `<root>/profiles/<key>/` holding `profile.safetensors` and `manifest.json`; it appears by
 a single directory rename, so a crash never leaves a half-written entry under a valid key, and a
-corrupt one (checksum mismatch, unreadable) is deleted and rebuilt rather than trusted.
+corrupt one (checksum mismatch of the tensors or of the manifest, unreadable) is deleted and rebuilt
+rather than trusted. Temporary folders of killed writers are reclaimed when a cache is opened, and a
+per-key lock lets concurrent jobs on one key extract once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import tempfile
+import time
 import uuid
+from collections.abc import Iterable, Iterator
 from importlib.metadata import version
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, concurrent jobs may both extract (still safe)
+    fcntl = None
 
 from safetensors.torch import load_file, save_file
 
@@ -29,9 +41,42 @@ log = logging.getLogger(__name__)
 ENGINE_VERSION = 2  # bump when a change to the engine changes the numbers it writes or the key
 
 
+TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 3600.0  # a save takes seconds: a temporary folder this old was abandoned
+
+
 def cache_key(fields: dict) -> str:
     canonical = json.dumps({**fields, "engine_version": ENGINE_VERSION}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """Checksum of a manifest's canonical JSON, without its own checksum field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _host_tag() -> str:
+    """Short tag of this host in temporary names: a PID only means something on its own host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and delete a file in `folder`: raises OSError when it cannot take new files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".probe-", dir=folder)
+    os.close(fd)
+    os.unlink(name)
 
 
 class TensorCache:
@@ -43,6 +88,78 @@ class TensorCache:
 
     def __init__(self, root: Path, folder: str):
         self.root = Path(root) / folder
+        self.reclaim_stale_tmp()
+
+    def writable(self) -> bool:
+        """Whether saves can succeed, checked before a long pass so that it is not lost at the end."""
+        try:
+            _probe_write(self.root)
+        except OSError as err:
+            log.warning("cache %s is not writable: results will not be cached (%s)", self.root, err)
+            return False
+        return True
+
+    def reclaim_stale_tmp(self, max_age: float = STALE_TMP_SECONDS) -> list[Path]:
+        """Remove `.tmp-*` folders left by killed saves: their writer on this host is dead, or they
+        are older than `max_age` seconds. Best effort: a read-only cache keeps them."""
+        removed = []
+        try:
+            candidates = [p for p in self.root.iterdir() if p.name.startswith(TMP_PREFIX)]
+        except OSError:
+            return removed
+        now, host = time.time(), _host_tag()
+        for path in candidates:
+            parts = path.name[len(TMP_PREFIX):].split("-")
+            dead = len(parts) >= 3 and parts[0].isdigit() and parts[1] == host and not _pid_alive(int(parts[0]))
+            try:
+                old = now - path.lstat().st_mtime > max_age
+            except OSError:
+                continue  # gone already
+            if dead or old:
+                shutil.rmtree(path, ignore_errors=True)
+                if not path.exists():
+                    removed.append(path)
+        if removed:
+            log.info("cache %s: removed %d stale temporary folder(s)", self.root, len(removed))
+        return removed
+
+    @contextlib.contextmanager
+    def locked(self, keys: Iterable[str]) -> Iterator[None]:
+        """Hold advisory locks on `keys` (in sorted order, so two holders cannot deadlock) from a
+        miss until the save, so that a second job on the same key waits and then loads the entry."""
+        with contextlib.ExitStack() as stack:
+            for key in sorted(set(keys)):
+                stack.enter_context(self._lock(key))
+            yield
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        if fcntl is None:
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / f".lock-{key}"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("cache %s: waiting for another job writing entry %s", self.root, key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            # the holder unlinks the file before releasing it: retry unless ours is still the file there
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)  # releases the lock
 
     def entry(self, key: str) -> Path:
         return self.root / key
@@ -54,6 +171,8 @@ class TensorCache:
             return None
         try:
             manifest = json.loads((entry / "manifest.json").read_text())
+            if "manifest_sha256" in manifest and manifest_sha256(manifest) != manifest["manifest_sha256"]:
+                raise ValueError("manifest checksum mismatch")  # entries before the field are accepted
             tensor_file = entry / self.tensor_file
             if file_sha256(tensor_file) != manifest["sha256"]:
                 raise ValueError("checksum mismatch")
@@ -65,7 +184,7 @@ class TensorCache:
 
     def save(self, key: str, tensors: dict, metadata: dict, key_fields: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f"{TMP_PREFIX}{os.getpid()}-{_host_tag()}-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
             tensor_file = tmp / self.tensor_file
@@ -78,6 +197,8 @@ class TensorCache:
                 "sha256": file_sha256(tensor_file),
                 "versions": {p: version(p) for p in ("torch", "transformers", "safetensors")},
             }
+            manifest = json.loads(json.dumps(manifest))  # checksum what a reader will parse (int keys...)
+            manifest["manifest_sha256"] = manifest_sha256(manifest)
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             final = self.entry(key)
             try:

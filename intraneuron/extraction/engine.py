@@ -7,6 +7,7 @@ stops after the deepest requested layer. Layers already in the cache cost nothin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -84,15 +85,31 @@ def extract_profiles(
             profiles[layer] = hit
     missing = [l for l in layers if l not in profiles]
     if missing:
-        computed = _run_pass(handle, windows, missing, settings, spec, on_progress)
-        for layer, profile in computed.items():
-            if cache is not None:
-                cache.save(keys[layer], profile, fields[layer])
-            profiles[layer] = profile
+        if cache is not None and not cache.writable():  # warned; a pass must not be lost at the save
+            cache = None
+        with cache.locked(keys[l] for l in missing) if cache is not None else contextlib.nullcontext():
+            for layer in missing:  # another job may have saved it while we waited for the lock
+                if cache is not None and (hit := cache.load(keys[layer])) is not None:
+                    log.info("layer %d: profile from cache %s (written by another job)", layer, cache.entry(keys[layer]))
+                    profiles[layer] = hit
+            missing = [l for l in missing if l not in profiles]
+            computed = _run_pass(handle, windows, missing, settings, spec, on_progress) if missing else {}
+            for layer, profile in computed.items():
+                if cache is not None:
+                    _save(cache, keys[layer], profile, fields[layer])
+                profiles[layer] = profile
     if on_progress is not None:
         total = int(windows.ids.shape[0]) * (windows.window_len - settings.skip_first_positions)
         on_progress(total, total)
     return {l: profiles[l] for l in layers}
+
+
+def _save(cache: ProfileCache, key: str, profile: ActivationProfile, key_fields: dict) -> None:
+    """Save, but keep the computed profile when the disk refuses (full, read-only, gone)."""
+    try:
+        cache.save(key, profile, key_fields)
+    except OSError as err:
+        log.warning("cache %s: could not save layer %d (%s); the result is not cached", cache.root, profile.layer, err)
 
 
 def _run_pass(
