@@ -7,6 +7,7 @@
     intraneuron experiment=smoke
     intraneuron compare <sweep parent run id | experiment>    # children x headline metrics
     intraneuron show <run id> [--neuron N] [--layer L]         # a run's or a neuron's summary
+    intraneuron stale [--experiment NAME] [--mark]             # RUNNING runs whose process is gone
 
 Each job is one MLflow run (a sweep nests its jobs under one parent run). A mistake in the config
 or a missing file ends the command with a one-line message naming the key and what is allowed.
@@ -82,8 +83,8 @@ def _report(summary, cfg: DictConfig) -> None:
 
 
 def main():
-    """`intraneuron compare|show ...` read results back (argparse); anything else is a Hydra job."""
-    if len(sys.argv) > 1 and sys.argv[1] in ("compare", "show"):
+    """`intraneuron compare|show|stale ...` read results back (argparse); anything else is a Hydra job."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("compare", "show", "stale"):
         from intraneuron.commands import main as report_main
 
         raise SystemExit(report_main(sys.argv[1:]))

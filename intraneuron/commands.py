@@ -1,7 +1,8 @@
-"""`intraneuron compare` and `intraneuron show`: read results back from MLflow in the terminal.
+"""`intraneuron compare`, `show` and `stale`: read results back from MLflow in the terminal.
 
     intraneuron compare <parent run id | experiment> [--tracking-uri URI] [--out DIR]
     intraneuron show <run id> [--neuron N [--layer L] [--out FILE]] [--tracking-uri URI]
+    intraneuron stale [--tracking-uri URI] [--experiment NAME] [--mark]
 
 Plain argparse, not Hydra: these read a store, they configure no job. Every failure the user can
 fix (an unknown run, experiment, layer or neuron, a store that is not there) is one line on stderr
@@ -19,7 +20,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-COMMANDS = ("compare", "show")
+COMMANDS = ("compare", "show", "stale")
 PROG = "intraneuron"
 _NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
 _NOTE_PARAMS = ("analysis._target_", "model.name", "layer")
@@ -62,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
                       "a card the run did not log is rebuilt from the run's config")  # fmt: skip
     show.add_argument("--tracking-uri", help=uri_help)
     show.set_defaults(handler=show_command)
+
+    stale = commands.add_parser("stale", help="RUNNING runs whose process is gone (SIGKILL, OOM killer, reboot)")
+    stale.add_argument("--tracking-uri", help=uri_help)
+    stale.add_argument("--experiment", help="only this experiment (name or id; default: every experiment)")
+    stale.add_argument("--mark", action="store_true", help="end the runs whose process is gone as KILLED, "
+                       "with the reason as their description")  # fmt: skip
+    stale.set_defaults(handler=stale_command)
     return parser
 
 
@@ -230,6 +238,78 @@ def write_card(client, run, layer: int, neuron: int, table, path: Path) -> Path:
     (card,) = neuron_cards(cfg, layer, [neuron], table)
     path.write_text(render_card(card, index_href=None), encoding="utf-8")
     return path
+
+
+def stale_command(args: argparse.Namespace) -> int:
+    """List RUNNING runs with what became of their process; `--mark` ends the gone ones KILLED.
+
+    A run's process is known by its `intraneuron.host` and `intraneuron.pid` tags. Only a process on
+    this host can be checked: runs of other hosts, and runs without those tags, are listed as unknown
+    and never marked.
+    """
+    import socket
+
+    from mlflow.entities import RunStatus, RunTag
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from intraneuron.reports.compare import find_experiment
+    from intraneuron.tracking.run import HOST_TAG, PID_TAG
+    from intraneuron.tracking.server import pid_alive
+
+    client = _client(args.tracking_uri)
+    if args.experiment is not None:
+        experiment = find_experiment(client, args.experiment)
+        if experiment is None:
+            raise CommandError(f"no experiment {args.experiment!r} in {client.tracking_uri}")
+        experiment_ids = [experiment.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = _running_runs(client, experiment_ids)
+    here = socket.gethostname()
+    gone = marked = 0
+    for run in runs:
+        tags = run.data.tags
+        host, pid = tags.get(HOST_TAG), tags.get(PID_TAG, "")
+        name = f"{run.info.run_id} {run.info.run_name or ''}".rstrip()
+        if host is None or not pid.isdigit():
+            print(f"unknown  {name}: no {HOST_TAG}/{PID_TAG} tags")
+        elif host != here:
+            print(f"unknown  {name}: process {pid} on {host}, not this host")
+        elif pid_alive(int(pid)):
+            print(f"running  {name}: process {pid} on {host} is alive")
+        else:
+            gone += 1
+            reason = f"process {pid} on {host} is gone (killed without a chance to close the run)"
+            if args.mark:
+                previous = tags.get(MLFLOW_RUN_NOTE, "").strip()
+                note = f"{reason}\n\n{previous}" if previous else reason
+                client.log_batch(run.info.run_id, tags=[RunTag("error", reason), RunTag(MLFLOW_RUN_NOTE, note)])
+                client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+                marked += 1
+                print(f"KILLED   {name}: {reason}")
+            else:
+                print(f"gone     {name}: {reason}")
+    summary = f"{len(runs)} RUNNING runs in {client.tracking_uri}; {gone} of them with their process gone"
+    if gone and args.mark:
+        summary += f", {marked} marked KILLED"
+    elif gone:
+        summary += f" (`{PROG} stale --mark` ends them KILLED)"
+    print(summary)
+    return 0
+
+
+def _running_runs(client, experiment_ids: list[str]) -> list:
+    if not experiment_ids:
+        return []
+    runs: list = []
+    token = None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'",
+                                  max_results=1000, page_token=token)  # fmt: skip
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
 
 
 def _client(uri: str | None):

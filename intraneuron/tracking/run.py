@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -47,6 +48,8 @@ from intraneuron.tracking.ui import run_url, ui_base
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+HOST_TAG = "intraneuron.host"  # with PID_TAG: which process holds a RUNNING run (`intraneuron stale`)
+PID_TAG = "intraneuron.pid"
 ERROR_TAG_LENGTH = 1000  # the full traceback goes to ERROR_TEXT; the tag only has to read well in the UI
 
 R = TypeVar("R")
@@ -76,6 +79,12 @@ def source_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def process_tags() -> dict[str, str]:
+    """This host and process: a run left RUNNING by a process that is gone (SIGKILL, OOM killer,
+    power loss) is found by `intraneuron stale` from these."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
 
 
 def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> None:
@@ -238,6 +247,8 @@ def tracked_run(
         if parent is not None:
             run_tags[PARENT_TAG] = parent
     run_tags.update(tags or {})
+    for key, value in process_tags().items():
+        run_tags.setdefault(key, value)
 
     run_id = client.create_run(experiment_id, run_name=run_name, tags=mlflow_tags(run_tags)).info.run_id
     logger = RunLogger(client, run_id)

@@ -5,8 +5,9 @@ Wiring (conf/hydra/callbacks/mlflow_sweep.yaml, in the primary config's defaults
 the launcher starts. The parent run id is written to `<sweep dir>/mlflow_parent_run_id`, where each
 job's `tracked_run` reads it, whatever process or machine the job runs in.
 
-A tracking location that cannot be used stops the sweep before any job is launched (one line on
-stderr, exit status 1). When a job fails, Hydra's sweeper re-raises its exception after the batch
+A tracking location that cannot be used, a parent run that cannot be opened, or a sweep folder that
+already holds another sweep's RUNNING or FINISHED parent run stops the sweep before any job is
+launched (one line on stderr, exit status 1). When a job fails, Hydra's sweeper re-raises its exception after the batch
 has run and never calls `on_multirun_end`; an atexit hook then closes the parent as FAILED and
 prints which jobs failed.
 """
@@ -14,6 +15,7 @@ prints which jobs failed.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,8 +31,8 @@ from intraneuron.errors import ConfigError
 from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, launch_dir
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags
-from intraneuron.tracking.run import PARENT_TAG, source_tags
-from intraneuron.tracking.store import TrackingConfig, open_experiment
+from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
+from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -55,18 +58,30 @@ class MlflowSweepCallback(Callback):
         self._base_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns an Exception raised by a callback into a warning and launches every job anyway,
+        # each without a parent (or against a store none of them can use): every failure here ends
+        # the command instead, as SystemExit (not an Exception, so Hydra lets it through) with one line.
+        try:
+            self._open_parent(config)
+        except (ConfigError, SweepFolderInUse) as error:
+            raise SystemExit(f"{type(error).__name__}: {error}") from error
+        except Exception as error:
+            self._abandon_parent(error)
+            raise SystemExit(
+                f"mlflow_sweep: could not open the sweep's parent MLflow run in {self.tracking.tracking_uri}, "
+                f"so no job was launched ({type(error).__name__}: {_one_line(error)})"
+            ) from error
+
+    def _open_parent(self, config: DictConfig) -> None:
         self._base_dir = Path.cwd()  # the launching cwd: `${hydra:runtime.cwd}` does not resolve yet
         sweep_dir = (self._base_dir / str(config.hydra.sweep.dir)).resolve()
         # Creating the experiment here, once, also creates a new sqlite file's tables before
         # parallel jobs could race on the schema migration.
-        try:
-            client, experiment_id = open_experiment(self.tracking, self._base_dir)
-        except ConfigError as error:
-            # Hydra turns a callback's exception into a warning and launches every job anyway, each
-            # against a store none of them can use: stop the sweep here, with the one-line reason.
-            raise SystemExit(f"{type(error).__name__}: {error}") from error
+        client, experiment_id = open_experiment(self.tracking, self._base_dir)
+        _check_sweep_folder(client, sweep_dir)
         tags = {
             **source_tags(),
+            **process_tags(),
             "hydra.sweep_dir": str(sweep_dir),
             "hydra.launcher": OmegaConf.select(config, "hydra.launcher._target_", default=""),
             "hydra.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
@@ -84,6 +99,19 @@ class MlflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_ID_FILE).write_text(self.parent_run_id)
         atexit.register(self._close, False)
+
+    def _abandon_parent(self, error: BaseException) -> None:
+        """A parent run created before the failure ends FAILED with the reason; never raises."""
+        if self.parent_run_id is None:
+            return
+        parent_id, self.parent_run_id = self.parent_run_id, None
+        try:
+            client = MlflowClient(resolve(self.tracking, self._base_dir or launch_dir()).tracking_uri)
+        except Exception:
+            return
+        record_failure(client, parent_id, error)
+        with contextlib.suppress(Exception):
+            client.set_terminated(parent_id, status=_FAILED)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close(True)
@@ -119,6 +147,41 @@ class MlflowSweepCallback(Callback):
         client.set_terminated(parent_id, status=status)
         if status != _FINISHED:
             _report(children, statuses, parent_id, sweep_completed)
+
+
+class SweepFolderInUse(RuntimeError):
+    """The sweep folder already belongs to another sweep's parent run."""
+
+
+def _check_sweep_folder(client: MlflowClient, sweep_dir: Path) -> None:
+    """Refuse a sweep folder whose parent run file names a run that is RUNNING or FINISHED.
+
+    Hydra's default sweep folder changes once a second, so two multiruns started within one second
+    (or one with a fixed hydra.sweep.dir run twice) would share it: the second would overwrite the
+    parent run id the first one's jobs still read, and the jobs of both would merge under one parent.
+    A folder whose parent run FAILED, was KILLED or is not in this store may be reused.
+    """
+    marker = sweep_dir / PARENT_RUN_ID_FILE
+    if not marker.is_file():
+        return
+    existing = marker.read_text().strip()
+    if not existing:
+        return
+    try:
+        status = client.get_run(existing).info.status
+    except MlflowException:  # deleted, or a run of another store: nothing to merge with
+        return
+    if status in (_RUNNING, _FINISHED):
+        raise SweepFolderInUse(
+            f"hydra.sweep.dir={sweep_dir} already holds the sweep of MLflow parent run {existing} ({status}); "
+            "this sweep's jobs would merge into it: give this multirun another hydra.sweep.dir "
+            "(e.g. hydra.sweep.dir=multirun/<name>)"
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _summarise(client: MlflowClient, parent_id: str) -> None:
