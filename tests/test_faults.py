@@ -16,18 +16,24 @@ from mlflow import MlflowClient
 WAIT = 120.0  # seconds for the job to start its pass; the pass itself takes far longer
 
 
-def test_sigterm_mid_extraction_marks_the_run_killed(tmp_path: Path):
+def start_slow_job(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real job in its own process group whose extraction pass takes tens of seconds at least (the
+    whole default corpus through the tiny model, one window per batch), and its store's URI."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env["INTRANEURON_CACHE"] = str(tmp_path / "cache")  # the Debian texts are still found in the project
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # the whole default corpus through the tiny model, one window per batch: tens of seconds at least
+    env["INTRANEURON_CACHE"] = str(folder / "cache")  # the Debian texts are still found in the project
+    uri = f"sqlite:///{folder}/mlflow.db"
     command = [sys.executable, "-m", "intraneuron", "model=tiny-gpt2", "corpus=gutenberg", "layer=2",
                "extraction.batch_size=1", "extraction.progress=false", "report=none",
                f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]  # fmt: skip
-    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    job = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
+    return job, uri
+
+
+def test_sigterm_mid_extraction_marks_the_run_killed(tmp_path: Path):
+    job, uri = start_slow_job(tmp_path)
     try:
-        run = _wait_for_extraction(job, MlflowClient(uri), tmp_path)
+        run = wait_for_extraction(job, MlflowClient(uri), tmp_path)
         os.kill(job.pid, signal.SIGTERM)
         output, _ = job.communicate(timeout=60)
     finally:
@@ -42,12 +48,12 @@ def test_sigterm_mid_extraction_marks_the_run_killed(tmp_path: Path):
     assert not profiles.exists() or not [p for p in profiles.iterdir() if not p.name.startswith(".")]
 
 
-def _wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):
+def wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):
     """The job's RUNNING run, once its corpus windows exist (the pass has started)."""
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:
         if job.poll() is not None:
-            pytest.fail(f"the job ended before it could be stopped: {job.stdout.read()[-2000:]}")
+            pytest.fail(f"the job ended before it could be stopped or killed: {job.stdout.read()[-2000:]}")
         experiments = client.search_experiments() if (folder / "mlflow.db").exists() else []
         runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
         windows = list((folder / "cache" / "corpus").glob("*/tokens.npy"))

@@ -7,35 +7,18 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from intraneuron.commands import main as commands_main
-
-WAIT = 120.0  # seconds for the job to start its pass; the pass itself takes far longer
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+from tests.test_faults import start_slow_job, wait_for_extraction
 
 
 def test_sigkilled_job_is_found_stale_and_marked_killed(tmp_path: Path, capsys):
-    env = _env()
-    env["INTRANEURON_CACHE"] = str(tmp_path / "cache")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    # the default corpus through the tiny model, one window per batch: tens of seconds at least
-    command = [sys.executable, "-m", "intraneuron", "model=tiny-gpt2", "corpus=gutenberg", "layer=2",
-               "extraction.batch_size=1", "extraction.progress=false", "report=none",
-               f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]  # fmt: skip
-    job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)  # fmt: skip
+    job, uri = start_slow_job(tmp_path)
     try:
-        run = _wait_for_extraction(job, MlflowClient(uri), tmp_path)
+        run = wait_for_extraction(job, MlflowClient(uri), tmp_path)
         os.killpg(job.pid, signal.SIGKILL)  # no handler runs: the run stays RUNNING
         job.communicate(timeout=60)  # reaped: its PID no longer answers os.kill(pid, 0)
     finally:
@@ -79,19 +62,3 @@ def test_stale_names_an_unknown_experiment_in_one_line(tmp_path: Path, capsys):
     capsys.readouterr()
     assert commands_main(["stale", "--tracking-uri", uri, "--experiment", "nope"]) == 1
     assert capsys.readouterr().err.strip() == f"intraneuron stale: no experiment 'nope' in {uri}"
-
-
-def _wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):
-    """The job's RUNNING run, once its corpus windows exist (the pass has started)."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if job.poll() is not None:
-            pytest.fail(f"the job ended before it could be killed: {job.stdout.read()[-2000:]}")
-        experiments = client.search_experiments() if (folder / "mlflow.db").exists() else []
-        runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
-        windows = list((folder / "cache" / "corpus").glob("*/tokens.npy"))
-        if runs and windows and "corpus/n_tokens" in runs[0].data.metrics:
-            time.sleep(1.0)  # into the pass
-            return runs[0]
-        time.sleep(0.5)
-    pytest.fail("the job did not reach its extraction pass in time")
