@@ -8,6 +8,7 @@ two minutes against a sqlite file it cannot write).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -270,16 +271,37 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
     """Connect and return (client, experiment id), creating the experiment with an absolute artifact location.
 
     The location is checked first (`check_reachable`), so a bad one fails before any MLflow call
-    and leaves no run behind. The first connection to a new sqlite file creates its tables
-    (several seconds): a sweep does it once in its callback, before parallel jobs could race on
-    the migration. The experiment is marked as classical ML (EXPERIMENT_KIND_TAG) unless it
-    already carries a kind, which is the user's to choose.
+    and leaves no run behind. The first connection to a new sqlite file creates its tables and
+    runs MLflow's migrations (several seconds); processes that start together on a new file (two
+    multiruns, parallel jobs) would run them at once and fail, so for sqlite the connection and the
+    experiment are made under a lock file next to the database. The experiment is marked as
+    classical ML (EXPERIMENT_KIND_TAG) unless it already carries a kind, which is the user's to choose.
     """
+    resolved = resolve(tcfg, base_dir)
+    check_reachable(tcfg, base_dir)
+    if resolved.sqlite_file is None:
+        return _open_experiment(resolved)
+    with _file_lock(resolved.sqlite_file.with_name(resolved.sqlite_file.name + ".init-lock")):
+        return _open_experiment(resolved)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock on `path` (created if missing; left in place, it is empty)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_experiment(resolved: ResolvedTracking) -> tuple[MlflowClient, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    resolved = resolve(tcfg, base_dir)
-    check_reachable(tcfg, base_dir)
     client = MlflowClient(tracking_uri=resolved.tracking_uri)
     experiment = client.get_experiment_by_name(resolved.experiment)
     if experiment is None:
