@@ -190,12 +190,35 @@ def test_http_uri_without_a_server_is_rejected_in_one_line(tmp_path):
     assert "a reachable MLflow server" in str(error) and "refused" in str(error)
 
 
-def test_http_uri_with_a_listening_server_passes(tmp_path):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+def test_http_uri_with_a_healthy_server_passes(tmp_path):
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_reachable(TrackingConfig(f"http://127.0.0.1:{server.server_address[1]}"), tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _tree(tmp_path) == set()
+
+
+def test_http_uri_with_a_silent_listener_is_refused(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:  # TCP accepted, never answered
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         port = server.getsockname()[1]
-        check_reachable(TrackingConfig(f"http://127.0.0.1:{port}"), tmp_path)
+        error = _rejected(TrackingConfig(f"http://127.0.0.1:{port}"), tmp_path)
+    assert f"no answer from http://127.0.0.1:{port}/health" in str(error)
     assert _tree(tmp_path) == set()
 
 
@@ -217,13 +240,13 @@ def test_malformed_server_uris_are_rejected(uri, tmp_path):
     _rejected(TrackingConfig(uri), tmp_path)
 
 
-def test_database_servers_are_left_to_mlflow(tmp_path, monkeypatch):
+def test_databricks_is_left_to_mlflow(tmp_path, monkeypatch):
+    # database servers are checked too: tests/test_tracking_preflight.py
     def no_network(*args, **kwargs):
         raise AssertionError("no connection expected")
 
     monkeypatch.setattr(store.socket, "create_connection", no_network)
-    for uri in ("postgresql://u@127.0.0.1:1/x", "mysql://u@127.0.0.1:1/x", "databricks"):
-        check_reachable(TrackingConfig(uri), tmp_path)
+    check_reachable(TrackingConfig("databricks"), tmp_path)
     assert _tree(tmp_path) == set()
 
 

@@ -48,6 +48,10 @@ from intraneuron.tracking.ui import run_url, ui_base
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
+CONFIG_HASH_TAG = "intraneuron.config_hash"  # what the job computes; equal hashes, equal results
+PREVIOUS_PARENT_TAG = "intraneuron.previous_parent"  # set on a run a later sweep adopted
+# Config keys that say how a job runs, not what it computes: left out of CONFIG_HASH_TAG.
+HOW_KEYS = ("tracking", "extraction.batch_size", "extraction.device", "extraction.progress", "analysis.n_jobs")
 HOST_TAG = "intraneuron.host"  # with PID_TAG: which process holds a RUNNING run (`intraneuron stale`)
 PID_TAG = "intraneuron.pid"
 ERROR_TAG_LENGTH = 1000  # the full traceback goes to ERROR_TEXT; the tag only has to read well in the UI
@@ -279,6 +283,59 @@ def tracked_run(
             _end_run(client, run_id, status)
 
 
+def config_hash(config: Mapping[str, Any], how_keys: Sequence[str] = HOW_KEYS) -> str:
+    """sha256 of the resolved config without the keys that say how it runs (`how_keys`, dotted)."""
+    import copy
+    import hashlib
+
+    what = copy.deepcopy(dict(config))
+    for dotted in how_keys:
+        *path, leaf = dotted.split(".")
+        node = what
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_run(client: MlflowClient, experiment_id: str, digest: str) -> Any | None:
+    """The latest FINISHED run of the experiment whose config hash is `digest`, or None."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def resume_finished(tcfg: TrackingConfig, digest: str) -> str | None:
+    """In a multirun with `tracking.skip_finished`: the id of a FINISHED run of this very config,
+    moved under this sweep's parent run (its old parent kept in PREVIOUS_PARENT_TAG), or None when
+    the job must run. The job's `mlflow_run.json` then names that run."""
+    job = current_hydra_job()
+    if job is None or not job.multirun or not tcfg.skip_finished:
+        return None
+    client, experiment_id = open_experiment(tcfg, launch_dir())
+    run = finished_run(client, experiment_id, digest)
+    if run is None:
+        return None
+    parent = job.parent_run_id()
+    previous = run.data.tags.get(PARENT_TAG)
+    if parent is not None and previous != parent:
+        tags = [RunTag(PARENT_TAG, parent)]
+        if previous is not None:
+            tags.append(RunTag(PREVIOUS_PARENT_TAG, previous))
+        client.log_batch(run.info.run_id, tags=tags)
+    write_run_info(job, client, experiment_id, str(tcfg.experiment), run.info.run_id, run.info.run_name, parent)
+    log.info(
+        "skipped: this config already FINISHED as run %s (%s); tracking.skip_finished=false runs it again",
+        run.info.run_id, run.info.run_name,
+    )
+    return run.info.run_id
+
+
 class TaskFailed(RuntimeError):
     """Stands in for a job exception that cannot be pickled back from a worker process (joblib)."""
 
@@ -302,6 +359,7 @@ def tracked_task(
     param_keys: Sequence[str] = (),
     tracking_key: str = "tracking",
     run_name: Callable[[Any], str] | None = None,
+    skipped: Callable[[str], R] | None = None,
 ) -> Callable[[Callable[[Any, RunLogger], R]], Callable[[Any], R]]:
     """Decorate a Hydra task `fn(cfg, run: RunLogger)` so that each job is one tracked MLflow run.
 
@@ -317,6 +375,8 @@ def tracked_task(
       JobReturn, the launcher (basic or joblib) still runs the other jobs, and the command exits 1 with
       "Error executing job with overrides: [...]". An exception that cannot be pickled is re-raised
       as TaskFailed so that joblib can carry it back.
+    - Every run is tagged with its CONFIG_HASH_TAG. With `skipped`, a multirun job whose config
+      already FINISHED (see `resume_finished`) is not run: the task returns `skipped(run_id)`.
     """
 
     def decorate(fn: Callable[[Any, RunLogger], R]) -> Callable[[Any], R]:
@@ -339,12 +399,15 @@ def tracked_task(
                 name = run_name(cfg)
             else:
                 name = (" ".join(job.swept_overrides) or job.name) if job else fn.__name__
+            digest = config_hash(config_dict)
+            if skipped is not None and (done := resume_finished(tcfg, digest)) is not None:
+                return skipped(done)
             try:
                 with tracked_run(
                     tcfg,
                     run_name=name,
                     params=params,
-                    tags={},
+                    tags={CONFIG_HASH_TAG: digest},
                     config_dict=config_dict,
                     overrides=job.overrides if job else None,
                 ) as run:

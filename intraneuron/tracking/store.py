@@ -52,6 +52,9 @@ class TrackingConfig:
     artifact_root: str | None = None  # default: <dir of the sqlite db>/artifacts (absolute); server default otherwise
     system_metrics: bool = True  # sample CPU, memory, disk, network (and NVIDIA GPU) into system/... metrics
     system_metrics_interval: float = 10.0  # seconds between samples
+    # a job of a multirun whose config (minus how it runs) already has a FINISHED run in the
+    # experiment is not run again: the sweep's parent adopts that run (resuming a broken sweep)
+    skip_finished: bool = True
 
     @classmethod
     def from_mapping(cls, node: Mapping[str, Any], key: str = KEY) -> TrackingConfig:
@@ -141,6 +144,8 @@ def _check_sampling(tcfg: TrackingConfig) -> None:
     interval = tcfg.system_metrics_interval
     if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf"):
         raise ConfigError(f"{KEY}.system_metrics_interval", interval, "a number of seconds > 0")
+    if not isinstance(tcfg.skip_finished, bool):
+        raise ConfigError(f"{KEY}.skip_finished", tcfg.skip_finished, "true or false")
 
 
 def _safe_dir_name(name: str) -> str:
@@ -156,16 +161,19 @@ def check_reachable(tcfg: TrackingConfig, base_dir: str | Path) -> None:
     - http(s): the server must accept a TCP connection within CONNECT_TIMEOUT_S. No request is sent.
     - a local artifact root (configured, or the sqlite default) must be creatable and writable; it
       is not created here (MLflow creates it on the first artifact).
-    Other schemes (postgresql://, mysql://, databricks) are left to MLflow.
+    - http(s): the server must accept a TCP connection within CONNECT_TIMEOUT_S, and its `/health`
+      must not answer a server error (an `mlflow server` whose own database is down answers 5xx,
+      and MLflow's client would retry each call for minutes).
+    - another database (postgresql://, mysql://, mssql://): its driver must be installed, and the
+      database must accept a connection within CONNECT_TIMEOUT_S.
+    Databricks URIs are left to MLflow.
     """
     resolved = resolve(tcfg, Path(base_dir))
     uri = str(tcfg.tracking_uri)
     scheme = urlparse(uri).scheme
     if resolved.sqlite_file is not None:
         _check_sqlite(resolved.sqlite_file, uri)
-    elif scheme in _DEFAULT_PORTS:
-        _check_server(uri)
-    if resolved.artifact_dir is not None:
+    if resolved.artifact_dir is not None:  # local checks first, the network's after
         problem = _unwritable(resolved.artifact_dir, create=False)
         if problem:
             default = "" if tcfg.artifact_root is not None else f" (by default {resolved.artifact_dir})"
@@ -173,6 +181,11 @@ def check_reachable(tcfg: TrackingConfig, base_dir: str | Path) -> None:
                 f"{KEY}.artifact_root", tcfg.artifact_root,
                 f"a folder that can be created and written{default}: {problem}",
             )
+    if scheme in _DEFAULT_PORTS:
+        _check_server(uri)
+        _check_server_health(uri)
+    elif scheme.split("+")[0] in _DATABASES:
+        _check_database(uri)
 
 
 def _check_sqlite(db_file: Path, uri: str) -> None:
@@ -267,6 +280,94 @@ def _check_server(uri: str) -> None:
     raise ConfigError(f"{KEY}.tracking_uri", uri, f"a reachable MLflow server ({problem})")
 
 
+def _check_server_health(uri: str) -> None:
+    """GET <server>/health: a 5xx or no answer within CONNECT_TIMEOUT_S is a server that cannot
+    serve runs; any other answer (4xx behind a proxy or an auth layer included) is left to MLflow."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    loopback = urlparse(uri).hostname in ("127.0.0.1", "localhost", "::1")  # never through a proxy
+    opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
+    try:
+        with opener.open(url, timeout=CONNECT_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as error:
+        if error.code < 500:
+            return
+        problem = f"{url} answered {error.code} {error.reason}"
+    except (urllib.error.URLError, TimeoutError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        problem = f"no answer from {url} within {CONNECT_TIMEOUT_S:g} s ({reason})"
+    raise ConfigError(f"{KEY}.tracking_uri", uri, f"a working MLflow server ({problem})")
+
+
+def _check_database(uri: str) -> None:
+    """The SQLAlchemy driver of `uri` is importable and the database answers within CONNECT_TIMEOUT_S.
+
+    Without this, a missing driver is a 61-line traceback from inside MLflow, and a database that
+    does not answer is minutes of retries.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    key = f"{KEY}.tracking_uri"
+    try:
+        url = make_url(uri)
+        dialect = url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as error:
+        raise ConfigError(key, _hide_password(uri), f"a database URI SQLAlchemy knows ({_first_line(error)})") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        hint = _DRIVER_HINTS.get(url.get_backend_name(), "install the driver named in the URI")
+        raise ConfigError(
+            key, _hide_password(uri), f"a URI whose driver is installed: {url.drivername} needs "
+            f"{error.name or error} ({hint})",
+        ) from None
+    timeout_args = _CONNECT_TIMEOUT_ARGS.get(url.get_backend_name(), {})
+    engine = create_engine(url, connect_args=timeout_args, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        raise ConfigError(
+            key, _hide_password(uri),
+            f"a database that accepts a connection within {CONNECT_TIMEOUT_S:g} s "
+            f"({_first_line(getattr(error, 'orig', None) or error)})",
+        ) from None
+    finally:
+        engine.dispose()
+
+
+_DATABASES = ("postgresql", "postgres", "mysql", "mssql")
+_DRIVER_HINTS = {
+    "postgresql": "`make setup` installs psycopg 3 (pip extra `scale`), SQLAlchemy's default for "
+                  "postgresql:// and the driver of postgresql+psycopg://",
+    "mysql": "e.g. pip install pymysql and write mysql+pymysql://...",
+}
+_CONNECT_TIMEOUT_ARGS = {
+    "postgresql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
+    "mysql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
+}
+
+
+def _hide_password(uri: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
+
+
+def _first_line(error: object) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient, str]:
     """Connect and return (client, experiment id), creating the experiment with an absolute artifact location.
 
@@ -282,7 +383,44 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
     if resolved.sqlite_file is None:
         return _open_experiment(resolved)
     with _file_lock(resolved.sqlite_file.with_name(resolved.sqlite_file.name + ".init-lock")):
-        return _open_experiment(resolved)
+        client, experiment_id = _open_experiment(resolved)
+    if tcfg.artifact_root is None:
+        check_not_relocated(resolved, client.get_experiment(experiment_id).artifact_location)
+    return client, experiment_id
+
+
+def check_not_relocated(resolved: ResolvedTracking, location: str) -> None:
+    """Refuse a sqlite store that was copied or moved away from its default artifact folder.
+
+    MLflow stores an experiment's artifact location as an absolute path when the experiment is
+    created, so a project copied elsewhere would go on writing every run's artifacts into the
+    original tree (and a moved one into a folder that is gone). The default location sits beside
+    the database (<db folder>/artifacts/<experiment>); an experiment whose location is another
+    folder that holds a database of the same name, or whose folder no longer exists, was made by
+    this store in another place.
+    """
+    if resolved.artifact_location is None or resolved.sqlite_file is None:
+        return
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # a remote artifact store is shared by design
+    recorded = Path(parsed.path).resolve()
+    expected = Path(resolved.artifact_location).resolve()
+    if recorded == expected:
+        return
+    original_store = recorded.parent.parent / resolved.sqlite_file.name
+    copied = original_store.is_file() and original_store.resolve() != resolved.sqlite_file
+    moved = not recorded.parent.parent.exists()
+    if not (copied or moved):
+        return  # an artifact root chosen on purpose earlier: the user's to keep
+    how = f"a copy of {original_store}" if copied else f"moved from {recorded.parent.parent}"
+    raise ConfigError(
+        f"{KEY}.artifact_root", None,
+        f"an artifact folder inside this project: the store {resolved.sqlite_file} is {how}, and its "
+        f"experiment {resolved.experiment!r} still writes artifacts to {recorded}. Start a new "
+        f"experiment here (tracking.experiment=<new name>) or keep writing there on purpose "
+        f"(tracking.artifact_root={recorded.parent})",
+    )
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Toy Hydra task: logs params, per-layer metrics and a Parquet table; raises for x == fail_on."""
+"""Toy Hydra task: logs params, per-layer metrics and a Parquet table; raises for x == fail_on; a
+multirun job whose config already FINISHED is skipped (tracking.skip_finished)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from intraneuron.tracking import RunLogger, tracked_task
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-@tracked_task(param_keys=["x", "model"])
+@tracked_task(param_keys=["x", "model"], skipped=lambda run_id: -1)  # -1: already FINISHED
 def main(cfg: DictConfig, run: RunLogger) -> int:
     if cfg.x == cfg.fail_on:
         raise ConfigError("x", cfg.x, f"anything but fail_on={cfg.fail_on}")
