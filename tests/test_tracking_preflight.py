@@ -4,6 +4,7 @@ never writes its artifacts into the tree it came from."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,24 +66,30 @@ def test_a_database_that_never_answers_times_out_after_the_connect_timeout(tmp_p
     assert CONNECT_TIMEOUT_S - 0.5 <= elapsed < 10 * CONNECT_TIMEOUT_S
 
 
-class _Failing(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
-        self.send_response(503 if self.path == "/health" else 200)
-        self.end_headers()
+@contextlib.contextmanager
+def health_server(status: int) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 whose /health answers `status`; yields its URL."""
 
-    def log_message(self, *args):
-        pass
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status if self.path == "/health" else 404)
+            self.end_headers()
 
+        def log_message(self, *args):
+            pass
 
-def test_a_server_whose_health_fails_is_refused(tmp_path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        error = _error(f"http://127.0.0.1:{server.server_address[1]}", tmp_path)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_server_whose_health_fails_is_refused(tmp_path):
+    with health_server(503) as url:
+        error = _error(url, tmp_path)
     assert "503" in str(error) and "/health" in str(error)
 
 

@@ -191,24 +191,10 @@ def test_http_uri_without_a_server_is_rejected_in_one_line(tmp_path):
 
 
 def test_http_uri_with_a_healthy_server_passes(tmp_path):
-    import http.server
-    import threading
+    from tests.test_tracking_preflight import health_server
 
-    class Healthy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            self.send_response(200 if self.path == "/health" else 404)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        check_reachable(TrackingConfig(f"http://127.0.0.1:{server.server_address[1]}"), tmp_path)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with health_server(200) as url:
+        check_reachable(TrackingConfig(url), tmp_path)
     assert _tree(tmp_path) == set()
 
 
