@@ -40,3 +40,31 @@ def test_processes_opening_a_new_store_at_once_all_get_the_experiment(tmp_path: 
         assert len({experiment_id for _, experiment_id in outcomes}) == 1
         experiments = MlflowClient(f"sqlite:///{folder}/mlruns/mlflow.db").search_experiments()
         assert [e.name for e in experiments if e.name == "race"] == ["race"]
+
+
+def test_two_multiruns_started_together_on_a_new_store_both_get_their_parent(tmp_path: Path):
+    """Each sweep's parent run is opened by its callback while the other may be creating the schema."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_tracking import REPO, TOY_APP
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    sweeps = {name: [sys.executable, str(TOY_APP), "--multirun", "x=1,2", "fail_on=99",
+                     f"hydra.sweep.dir=multirun/{name}", f"hydra.searchpath=[file://{REPO / 'conf'}]",
+                     "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=toy"]
+              for name in ("a", "b")}  # fmt: skip
+    started = {name: subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True)
+               for name, command in sweeps.items()}  # fmt: skip
+    outputs = {name: job.communicate(timeout=300)[0] for name, job in started.items()}
+    assert {name: job.returncode for name, job in started.items()} == {"a": 0, "b": 0}, outputs
+    client = MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
+    for name in sweeps:
+        parent_id = (tmp_path / "multirun" / name / "mlflow_parent_run_id").read_text().strip()
+        assert client.get_run(parent_id).info.status == "FINISHED"
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+        assert sorted(r.data.params["x"] for r in children) == ["1", "2"], outputs[name][-2000:]

@@ -49,7 +49,11 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 CONFIG_HASH_TAG = "intraneuron.config_hash"  # what the job computes; equal hashes, equal results
-PREVIOUS_PARENT_TAG = "intraneuron.previous_parent"  # set on a run a later sweep adopted
+COPIED_FROM_TAG = "intraneuron.copied_from"  # a resumed sweep's copy of a FINISHED run: its id
+# a FINISHED run with one of these tags ended without results on purpose (a corpus shard that left
+# the merge to another job): resuming runs it again
+INCOMPLETE_TAGS = frozenset({"intraneuron.extraction_shard_pending"})
+_COPIED_MLFLOW_TAGS = ("mlflow.note.content", "mlflow.source.name", "mlflow.source.git.commit", "mlflow.user")
 # Config keys that say how a job runs, not what it computes: left out of CONFIG_HASH_TAG.
 HOW_KEYS = ("tracking", "extraction.batch_size", "extraction.device", "extraction.progress", "analysis.n_jobs")
 HOST_TAG = "intraneuron.host"  # with PID_TAG: which process holds a RUNNING run (`intraneuron stale`)
@@ -300,40 +304,67 @@ def config_hash(config: Mapping[str, Any], how_keys: Sequence[str] = HOW_KEYS) -
 
 
 def finished_run(client: MlflowClient, experiment_id: str, digest: str) -> Any | None:
-    """The latest FINISHED run of the experiment whose config hash is `digest`, or None."""
+    """The latest FINISHED run of the experiment whose config hash is `digest` and that holds its
+    results (not one that ended early on purpose, see INCOMPLETE_TAGS), or None."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=50,
     )
-    return runs[0] if runs else None
+    return next((r for r in runs if not INCOMPLETE_TAGS & r.data.tags.keys()), None)
 
 
 def resume_finished(tcfg: TrackingConfig, digest: str) -> str | None:
-    """In a multirun with `tracking.skip_finished`: the id of a FINISHED run of this very config,
-    moved under this sweep's parent run (its old parent kept in PREVIOUS_PARENT_TAG), or None when
-    the job must run. The job's `mlflow_run.json` then names that run."""
+    """In a multirun with `tracking.skip_finished`: the id of this sweep's copy of a FINISHED run of
+    this very config, or None when the job must run. The job's `mlflow_run.json` names the copy."""
     job = current_hydra_job()
     if job is None or not job.multirun or not tcfg.skip_finished:
         return None
     client, experiment_id = open_experiment(tcfg, launch_dir())
-    run = finished_run(client, experiment_id, digest)
-    if run is None:
+    done = finished_run(client, experiment_id, digest)
+    if done is None:
         return None
     parent = job.parent_run_id()
-    previous = run.data.tags.get(PARENT_TAG)
-    if parent is not None and previous != parent:
-        tags = [RunTag(PARENT_TAG, parent)]
-        if previous is not None:
-            tags.append(RunTag(PREVIOUS_PARENT_TAG, previous))
-        client.log_batch(run.info.run_id, tags=tags)
-    write_run_info(job, client, experiment_id, str(tcfg.experiment), run.info.run_id, run.info.run_name, parent)
+    run_id = copy_run(client, done, parent)
+    write_run_info(job, client, experiment_id, str(tcfg.experiment), run_id, done.info.run_name, parent)
     log.info(
-        "skipped: this config already FINISHED as run %s (%s); tracking.skip_finished=false runs it again",
-        run.info.run_id, run.info.run_name,
+        "skipped: this config already FINISHED as run %s (%s), copied under this sweep as run %s; "
+        "tracking.skip_finished=false runs it again", done.info.run_id, done.info.run_name, run_id,
     )
-    return run.info.run_id
+    return run_id
+
+
+def copy_run(client: MlflowClient, run: Any, parent: str | None) -> str:
+    """A FINISHED copy of `run` (params, latest metrics, tags, artifacts) under `parent`, tagged
+    COPIED_FROM_TAG. A copy, not a move: the sweep the run came from stays whole, and a sweep that is
+    rerun (or started twice at once) still holds every one of its jobs."""
+    import tempfile
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.") or k in _COPIED_MLFLOW_TAGS}
+    tags[COPIED_FROM_TAG] = run.info.run_id
+    if parent is not None:
+        tags[PARENT_TAG] = parent
+    copy = client.create_run(run.info.experiment_id, run_name=run.info.run_name, tags=tags).info.run_id
+    try:
+        client.log_batch(
+            copy,
+            params=[Param(k, v) for k, v in run.data.params.items()],
+            metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in run.data.metrics.items()],
+        )
+        with tempfile.TemporaryDirectory(prefix="intraneuron-copy-") as scratch:
+            local = client.download_artifacts(run.info.run_id, "", scratch)
+            if any(Path(local).iterdir()):
+                client.log_artifacts(copy, local)
+    except BaseException as exc:
+        record_failure(client, copy, exc)
+        _end_run(client, copy, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    _end_run(client, copy, RunStatus.to_string(RunStatus.FINISHED))
+    return copy
 
 
 class TaskFailed(RuntimeError):
@@ -376,7 +407,8 @@ def tracked_task(
       "Error executing job with overrides: [...]". An exception that cannot be pickled is re-raised
       as TaskFailed so that joblib can carry it back.
     - Every run is tagged with its CONFIG_HASH_TAG. With `skipped`, a multirun job whose config
-      already FINISHED (see `resume_finished`) is not run: the task returns `skipped(run_id)`.
+      already FINISHED (see `resume_finished`) is not run: that run is copied under the sweep's
+      parent and the task returns `skipped(copy's run id)`.
     """
 
     def decorate(fn: Callable[[Any, RunLogger], R]) -> Callable[[Any], R]:
