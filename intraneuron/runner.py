@@ -9,6 +9,7 @@ when an earlier job (another threshold, clusterer, segmentation) already did it.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from intraneuron.config import RunConfig, check_layers, validate
 from intraneuron.errors import ConfigError
 from intraneuron.reports import artifacts
 from intraneuron.tracking.logger import RunLogger
+
+log = logging.getLogger(__name__)
 
 # The config keys logged as params whatever the analysis; it adds the groups it declares.
 RUN_PARAM_KEYS = ("layer", "model", "corpus", "extraction", "analysis")
@@ -35,6 +38,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     from intraneuron.extraction import extract_profiles
     from intraneuron.extraction.cache import ProfileCache, cache_key
     from intraneuron.extraction.engine import profile_key_fields
+    from intraneuron.extraction.shards import ShardPending
     from intraneuron.reports.cards import build_cards
 
     rc = validate(cfg)
@@ -66,8 +70,14 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
 
     started = time.perf_counter()
     cache = ProfileCache(paths.cache_dir())
-    profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
-                                on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
+    try:
+        profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
+                                    on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
+    except ShardPending as pending:  # this job's corpus shard is cached; another job merges and analyses
+        tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
+        tracker.set_tags({"intraneuron.extraction_shard_pending": str(pending)})
+        log.info("%s", pending)
+        return JobSummary(tracker.run_id, {})
     tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
     started = time.perf_counter()
     if analysis.collect(job, profiles, on_progress=tracker.progress_callback("collect/progress")):

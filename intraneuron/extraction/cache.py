@@ -164,6 +164,16 @@ class TensorCache:
     def entry(self, key: str) -> Path:
         return self.root / key
 
+    def remove(self, key: str) -> None:
+        """Delete an entry (best effort): the partial profiles of corpus shards once merged. It
+        leaves its key by one rename (a reader sees it whole or absent), then goes."""
+        doomed = self.root / f"{TMP_PREFIX}{os.getpid()}-{_host_tag()}-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.entry(key), doomed)
+        except OSError:  # absent already
+            return
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def load(self, key: str) -> tuple[dict, dict] | None:
         """(tensors, metadata) of an entry, or None when absent; a corrupt one is removed."""
         entry = self.entry(key)

@@ -16,6 +16,9 @@ NEURON_SITES = ("mlp.hook_post", "mlp.hook_pre")
 INPUT_SITES = ("hook_resid_pre", "hook_resid_mid", None)
 # Fields that say how to run, not what to compute: they never enter a cache key.
 HOW_FIELDS = ("batch_size", "device", "progress")
+# Fields that say which part of the corpus one job extracts: the whole profile's key never holds them
+# (a profile merged from shards is the one-worker profile); a shard's partial key adds them back.
+SHARD_FIELDS = ("corpus_shards", "corpus_shard")
 _DEVICE = re.compile(r"[a-z]+(:\d+)?")
 
 
@@ -37,13 +40,21 @@ class ExtractionConfig:
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
+    # Split the corpus's windows into `corpus_shards` contiguous ranges and extract only range
+    # `corpus_shard` (0-based); the job that finds every shard cached merges them (extraction/shards.py).
+    corpus_shards: int = 1
+    corpus_shard: int = 0
 
     def key_fields(self) -> dict:
-        """The fields that change the numbers (everything but HOW_FIELDS)."""
+        """The fields that change the numbers of the whole profile (all but HOW_FIELDS and SHARD_FIELDS)."""
         fields = asdict(self)
-        for how in HOW_FIELDS:
+        for how in HOW_FIELDS + SHARD_FIELDS:
             fields.pop(how)
         return fields
+
+    def shard_key_fields(self) -> dict:
+        """What a shard's partial profile adds to the whole profile's key fields."""
+        return {"corpus_shard": self.corpus_shard, "corpus_shards": self.corpus_shards}
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad key; window-dependent checks live in the engine."""
@@ -65,6 +76,12 @@ class ExtractionConfig:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError("extraction.device", self.device, 'a torch device such as "cpu" or "cuda:0"')
         _boolean("progress", self.progress)
+        _integer("corpus_shards", self.corpus_shards, 1)
+        if isinstance(self.corpus_shard, bool) or not isinstance(self.corpus_shard, int) or not (
+            0 <= self.corpus_shard < self.corpus_shards
+        ):
+            raise ConfigError("extraction.corpus_shard", self.corpus_shard,
+                              f"an integer >= 0 and < extraction.corpus_shards ({self.corpus_shards})")  # fmt: skip
 
 
 def _integer(name: str, value: object, minimum: int) -> None:

@@ -65,9 +65,30 @@ class TopK(Stat):
         self._keep_top(other.values, other.positions)
 
     def _keep_top(self, values: torch.Tensor, positions: torch.Tensor) -> None:
-        top = torch.cat([self.values, values]).topk(self.k, dim=0)  # sorted descending
-        self.values = top.values
-        self.positions = torch.cat([self.positions, positions]).gather(0, top.indices)
+        """Keep the K largest of (kept + new) per column, ties broken by the smaller position.
+
+        torch.topk breaks ties arbitrarily, so which of equal values (a token in identical contexts,
+        such as BOS at position 0 of every window) is kept would depend on how the corpus was cut
+        into batches and shards. Ties are rare: topk answers when there are none, a stable sort by
+        (value descending, position ascending) when there are, and then a pass, its shards merged in
+        any order, and any batch size keep the same positions.
+        """
+        cand_values = torch.cat([self.values, values])  # [K + N, D]
+        cand_positions = torch.cat([self.positions, positions])  # [K + N, D]
+        top = cand_values.topk(self.k, dim=0)  # sorted descending
+        kth = top.values[-1]  # [D]
+        tied_inside = (top.values[1:] == top.values[:-1]).any(0)  # [D] equal values among the kept
+        tied_at_edge = (cand_values == kth).sum(0) > (top.values == kth).sum(0)  # [D] one left out
+        tied = (tied_inside | tied_at_edge).nonzero().squeeze(1)  # [T] the columns to sort
+        indices = top.indices  # [K, D]
+        if len(tied):
+            values_t, positions_t = cand_values[:, tied], cand_positions[:, tied]  # [K + N, T]
+            by_position = positions_t.argsort(dim=0, stable=True)
+            order = values_t.gather(0, by_position).argsort(dim=0, descending=True, stable=True)[: self.k]
+            indices = indices.clone()
+            indices[:, tied] = by_position.gather(0, order)
+        self.values = cand_values.gather(0, indices)
+        self.positions = cand_positions.gather(0, indices)
 
     def state_dict(self, prefix: str | None = None) -> State:
         p = prefix or self.prefix
