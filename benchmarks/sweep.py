@@ -10,6 +10,15 @@ and prints the sweep's wall time against (one extraction + the N analyses) and a
 independent extractions would have cost.
 
 Usage: python benchmarks/sweep.py [--tokens 262144] [--neurons 256] [--layer 3]
+
+With --launchers it measures instead the launcher, on the tiny model (experiment=smoke): the same
+8-job sweep (clustering x segmentation x layer, each job its own output folder and MLflow run in a
+sqlite store of a temporary folder) once with hydra/launcher=parallel (joblib, n_jobs=2) and once
+with hydra/launcher=ray on a local Ray cluster of 2 CPUs (one CPU per job) that the script starts
+on 127.0.0.1 beforehand and stops by process id afterwards, and prints both wall times and their
+ratio (one run of each; every job of both sweeps must finish):
+
+    python benchmarks/sweep.py --launchers
 """
 
 from __future__ import annotations
@@ -39,7 +48,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=262_144)
     parser.add_argument("--neurons", type=int, default=256)
     parser.add_argument("--layer", type=int, default=3)
+    parser.add_argument("--launchers", action="store_true",
+                        help="joblib vs Ray launcher wall time of an 8-job tiny-model sweep")  # fmt: skip
     args = parser.parse_args()
+    if args.launchers:
+        return compare_launchers()
 
     with tempfile.TemporaryDirectory(prefix="intraneuron-sweep-bench-") as tmp:
         work = Path(tmp)
@@ -86,6 +99,74 @@ def main() -> None:
     print(f"one extraction + {n} analyses       {ideal:8.1f} s   (sweep / this = {wall / ideal:.2f}x)")
     print(f"{n} extractions + {n} analyses        {naive:8.1f} s   (what the cache saves: "
           f"{naive - ideal:.1f} s)")  # fmt: skip
+
+
+# the 8 jobs of the launcher comparison: 2 x 2 x 2 on the tiny model
+LAUNCHER_SWEEP = ["clustering=ward,kmeans", "segmentation=equal_count,jenks", "layer=0,2"]
+SMALL = ["experiment=smoke", "neurons=range", "neurons.stop=32", "extraction.pseudo_neurons=16",
+         "extraction.progress=false", "tracking.system_metrics=false"]  # fmt: skip
+
+
+def launcher_sweep(work: Path, launcher: str, env: dict[str, str]) -> float:
+    """Wall time of the 8-job sweep with `launcher`, in `work` (its own store, sweep folder)."""
+    work.mkdir()
+    command = [
+        sys.executable, "-m", "intraneuron", "--multirun", *SMALL, *LAUNCHER_SWEEP,
+        f"hydra/launcher={launcher}", f"hydra.sweep.dir={work / 'multirun'}",
+        "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=launcher-bench",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{launcher} sweep failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    client = MlflowClient(f"sqlite:///{work}/store/mlflow.db")
+    experiment = client.get_experiment_by_name("launcher-bench")
+    runs = client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''")
+    statuses = sorted(r.info.status for r in runs)
+    if statuses != ["FINISHED"] * 8:
+        sys.exit(f"{launcher} sweep: expected 8 FINISHED jobs, got {statuses}")
+    return wall
+
+
+def compare_launchers() -> None:
+    sys.path.insert(0, str(REPO))
+    from tests.servers import LocalRayCluster
+
+    with tempfile.TemporaryDirectory(prefix="intraneuron-launcher-bench-") as tmp:
+        work = Path(tmp)
+        cache = work / "cache"
+        cache.mkdir()
+        shared = REPO / ".cache"
+        reused_folders = ("vendor", "models", "hashes", "gpt2-tokenizer")
+        for reused in reused_folders:  # not what is measured
+            if (shared / reused).exists():
+                (cache / reused).symlink_to(shared / reused)
+        dropped = ("MLFLOW_", "HYDRA_", "RAY_")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+        base.update(INTRANEURON_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        # one untimed job first, so that both sweeps find the tiny model's token windows and profiles cached
+        warm = [sys.executable, "-m", "intraneuron", *SMALL, "layer=[0,2]",
+                "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=warm-up"]  # fmt: skip
+        (work / "warm").mkdir()
+        done = subprocess.run(warm, cwd=work / "warm", env=base, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"warm-up job failed:\n{done.stderr[-3000:]}")
+
+        joblib_wall = launcher_sweep(work / "joblib", "parallel", base)
+        started = time.perf_counter()
+        with LocalRayCluster(num_cpus=2, env=base) as cluster:
+            ray_start = time.perf_counter() - started
+            ray_wall = launcher_sweep(work / "ray", "ray", {**base, **cluster.driver_env()})
+            started = time.perf_counter()
+        ray_stop = time.perf_counter() - started
+
+    print(f"8-job sweep of the tiny model ({' x '.join(LAUNCHER_SWEEP)}), {os.cpu_count()} CPUs, "
+          "warm extraction cache, sqlite store; one run each")  # fmt: skip
+    print(f"joblib launcher (hydra/launcher=parallel, n_jobs=2)  {joblib_wall:8.1f} s")
+    print(f"ray launcher (hydra/launcher=ray, 2 CPUs, 1 per job) {ray_wall:8.1f} s   "
+          f"(+ {ray_start:.1f} s cluster start, {ray_stop:.1f} s stop, not counted)")  # fmt: skip
+    print(f"ray / joblib                                         {ray_wall / joblib_wall:8.2f}x")
 
 
 if __name__ == "__main__":

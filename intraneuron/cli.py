@@ -8,6 +8,7 @@
     intraneuron compare <sweep parent run id | experiment>    # children x headline metrics
     intraneuron show <run id> [--neuron N] [--layer L]         # a run's or a neuron's summary
     intraneuron stale [--experiment NAME] [--mark]             # RUNNING runs whose process is gone
+    intraneuron merge <sweep parent run id | sweep folder>     # shard runs -> whole layers
 
 Each job is one MLflow run (a sweep nests its jobs under one parent run). A mistake in the config
 or a missing file ends the command with a one-line message naming the key and what is allowed.
@@ -48,10 +49,11 @@ def param_keys(cfg: DictConfig) -> tuple[str, ...]:
 
 def run_job(cfg: DictConfig):
     """One tracked job: an MLflow run around `runner.run` (FAILED with the error when it raises)."""
-    from intraneuron.runner import run
+    from intraneuron.runner import JobSummary, run
     from intraneuron.tracking import tracked_task
 
-    return tracked_task(param_keys=param_keys(cfg))(run)(cfg)
+    # a multirun job whose config already FINISHED is not run again (tracking.skip_finished)
+    return tracked_task(param_keys=param_keys(cfg), skipped=lambda run_id: JobSummary(run_id, {}))(run)(cfg)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -83,12 +85,21 @@ def _report(summary, cfg: DictConfig) -> None:
 
 
 def main():
-    """`intraneuron compare|show|stale ...` read results back (argparse); anything else is a Hydra job."""
-    if len(sys.argv) > 1 and sys.argv[1] in ("compare", "show", "stale"):
+    """`intraneuron compare|show|stale|merge ...` read results back (argparse); anything else is a Hydra job."""
+    from intraneuron.commands import COMMANDS
+
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         from intraneuron.commands import main as report_main
 
         raise SystemExit(report_main(sys.argv[1:]))
-    return hydra_main()
+    try:
+        return hydra_main()
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the run is already ended KILLED
+        from intraneuron.tracking.run import Terminated
+
+        code = 143 if isinstance(stop, Terminated) else 130  # the shell's 128 + signal number
+        print(f"intraneuron: stopped ({stop or 'interrupted'}); the MLflow run is marked KILLED", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""`intraneuron compare`, `show` and `stale`: read results back from MLflow in the terminal.
+"""`intraneuron compare`, `show`, `stale` and `merge`: read results back from MLflow in the terminal.
 
     intraneuron compare <parent run id | experiment> [--tracking-uri URI] [--out DIR]
     intraneuron show <run id> [--neuron N [--layer L] [--out FILE]] [--tracking-uri URI]
     intraneuron stale [--tracking-uri URI] [--experiment NAME] [--mark]
+    intraneuron merge <parent run id | sweep folder> [--allow-gaps] [--tracking-uri URI]
 
-Plain argparse, not Hydra: these read a store, they configure no job. Every failure the user can
+Plain argparse, not Hydra: these read a store (`merge` also writes the merged layers back), they
+configure no job. Every failure the user can
 fix (an unknown run, experiment, layer or neuron, a store that is not there) is one line on stderr
 and exit status 1.
 """
@@ -12,7 +14,6 @@ and exit status 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-COMMANDS = ("compare", "show", "stale")
+COMMANDS = ("compare", "show", "stale", "merge")
 PROG = "intraneuron"
 _NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
 _NOTE_PARAMS = ("analysis._target_", "model.name", "layer")
@@ -32,10 +33,11 @@ class CommandError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from intraneuron.reports.artifacts import quiet_downloads
     from intraneuron.reports.compare import NotFound
 
     try:
-        with _quiet_downloads():
+        with quiet_downloads():
             return args.handler(args)
     except (CommandError, NotFound) as error:
         print(f"{PROG} {args.command}: {error}", file=sys.stderr)
@@ -70,7 +72,31 @@ def _parser() -> argparse.ArgumentParser:
     stale.add_argument("--mark", action="store_true", help="end the runs whose process is gone as KILLED, "
                        "with the reason as their description")  # fmt: skip
     stale.set_defaults(handler=stale_command)
+
+    merge = commands.add_parser("merge", help="merge a sweep's shard runs (neuron ranges of a layer) into whole layers")
+    merge.add_argument("target", help="the sweep's parent run id, or its sweep folder (holding mlflow_parent_run_id)")
+    merge.add_argument("--allow-gaps", action="store_true", help="merge a layer whose shards leave neurons out")
+    merge.add_argument("--tracking-uri", help=uri_help)
+    merge.set_defaults(handler=merge_command)
     return parser
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    """Merge the shard runs under a sweep's parent into whole layers (intraneuron/merge.py): logged to
+    the parent when the sweep ran one config, else to one "merged: ..." child run per config."""
+    from intraneuron.analyses.base import ShardMergeError
+    from intraneuron.merge import merge_sweep, parent_run_id
+    from intraneuron.reports.compare import get_run
+
+    client = _client(args.tracking_uri)
+    try:
+        parent_id = parent_run_id(args.target)
+        get_run(client, parent_id)
+        merged = merge_sweep(client, parent_id, allow_gaps=args.allow_gaps)
+    except ShardMergeError as error:
+        raise CommandError(str(error)) from None
+    print(f"{len(merged)} layers merged; `{PROG} show {merged[0].run_id}` prints them")
+    return 0
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -351,18 +377,3 @@ def _full(value) -> str:
 
 def _listed(layers: list[int]) -> str:
     return ", ".join(map(str, layers)) or "none"
-
-
-@contextlib.contextmanager
-def _quiet_downloads():
-    """No artifact-download progress bars between the printed lines."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    before = os.environ.get(key)
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before

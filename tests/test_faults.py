@@ -1,5 +1,7 @@
-"""A job killed with SIGTERM (`kill`, a scheduler cancelling it) mid-extraction ends its MLflow run
-KILLED with the reason, instead of leaving it RUNNING forever, and leaves no cache entry behind."""
+"""A job killed with SIGTERM (`kill`, a scheduler cancelling it) or stopped with Ctrl-C mid-extraction
+ends its MLflow run KILLED with the reason, instead of leaving it RUNNING forever, exits as a shell
+expects (128 + the signal) with one line and no traceback, and leaves no cache entry behind; the
+rerun completes."""
 
 from __future__ import annotations
 
@@ -16,36 +18,63 @@ from mlflow import MlflowClient
 WAIT = 120.0  # seconds for the job to start its pass; the pass itself takes far longer
 
 
-def start_slow_job(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A real job in its own process group whose extraction pass takes tens of seconds at least (the
-    whole default corpus through the tiny model, one window per batch), and its store's URI."""
+SLOW_JOB = ["model=tiny-gpt2", "corpus=gutenberg", "layer=2", "extraction.progress=false", "report=none",
+            "tracking.system_metrics=false"]  # fmt: skip
+
+
+def _job(folder: Path, *overrides: str) -> tuple[list[str], dict, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     env["INTRANEURON_CACHE"] = str(folder / "cache")  # the Debian texts are still found in the project
     uri = f"sqlite:///{folder}/mlflow.db"
-    command = [sys.executable, "-m", "intraneuron", "model=tiny-gpt2", "corpus=gutenberg", "layer=2",
-               "extraction.batch_size=1", "extraction.progress=false", "report=none",
-               f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]  # fmt: skip
+    command = [sys.executable, "-m", "intraneuron", *SLOW_JOB, *overrides, f"tracking.tracking_uri={uri}"]
+    return command, env, uri
+
+
+def start_slow_job(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real job in its own process group whose extraction pass takes tens of seconds at least (the
+    whole default corpus through the tiny model, one window per batch), and its store's URI."""
+    command, env, uri = _job(folder, "extraction.batch_size=1")
     job = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
     return job, uri
 
 
-def test_sigterm_mid_extraction_marks_the_run_killed(tmp_path: Path):
+def rerun_completes(folder: Path) -> None:
+    """The same job again (larger batches: how it runs, not what it computes) ends FINISHED, from a
+    cache that trusted nothing the killed job left: one complete entry with its manifest."""
+    command, env, uri = _job(folder, "extraction.batch_size=32", "analysis.n_permutations=19",
+                            "analysis.max_permutations=19", "analysis.n_mantel_permutations=19")
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    latest = MlflowClient(uri).search_runs(
+        [e.experiment_id for e in MlflowClient(uri).search_experiments()], order_by=["attributes.start_time DESC"]
+    )[0]
+    assert latest.info.status == "FINISHED"
+    entries = [p for p in (folder / "cache" / "profiles").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file(), entries
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_mid_extraction_marks_the_run_killed(tmp_path: Path, signum):
     job, uri = start_slow_job(tmp_path)
     try:
         run = wait_for_extraction(job, MlflowClient(uri), tmp_path)
-        os.kill(job.pid, signal.SIGTERM)
+        os.kill(job.pid, signum)
         output, _ = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
-    assert job.returncode != 0, output[-2000:]
+    assert job.returncode == 128 + signum, output[-2000:]  # as a shell reports a job stopped by it
+    assert "Traceback" not in output and "the MLflow run is marked KILLED" in output, output[-2000:]
     ended = MlflowClient(uri).get_run(run.info.run_id)
     assert ended.info.status == "KILLED", output[-2000:]
-    assert "SIGTERM" in ended.data.tags.get("mlflow.note.content", "") + ended.data.tags.get("error", "")
+    if signum == signal.SIGTERM:
+        assert "SIGTERM" in ended.data.tags.get("mlflow.note.content", "") + ended.data.tags.get("error", "")
     profiles = tmp_path / "cache" / "profiles"
     assert not profiles.exists() or not [p for p in profiles.iterdir() if not p.name.startswith(".")]
+    if signum == signal.SIGTERM:
+        rerun_completes(tmp_path)
 
 
 def wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):

@@ -1,6 +1,6 @@
 """A job killed with SIGKILL (OOM killer, `kill -9`, a lost node) cannot close its MLflow run; the
 run's host and PID tags let `intraneuron stale --mark` find it RUNNING with its process gone and
-end it KILLED, while runs of live processes and of other hosts are left alone."""
+end it KILLED, while runs of live processes and of other hosts are left alone; the rerun completes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from intraneuron.commands import main as commands_main
-from tests.test_faults import start_slow_job, wait_for_extraction
+from tests.test_faults import rerun_completes, start_slow_job, wait_for_extraction
 
 
 def test_sigkilled_job_is_found_stale_and_marked_killed(tmp_path: Path, capsys):
@@ -54,6 +54,7 @@ def test_sigkilled_job_is_found_stale_and_marked_killed(tmp_path: Path, capsys):
     assert ended.data.tags["error"] == reason
     assert client.get_run(alive).info.status == "RUNNING"
     assert client.get_run(elsewhere).info.status == "RUNNING"
+    rerun_completes(tmp_path)  # nothing the killed pass left in the cache is trusted
 
 
 def test_stale_names_an_unknown_experiment_in_one_line(tmp_path: Path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from intraneuron.tracking.run import CONFIG_HASH_TAG, COPIED_FROM_TAG, HOW_KEYS, config_hash
+from intraneuron.tracking.resume import CONFIG_HASH_TAG, COPIED_FROM_TAG, HOW_KEYS, config_hash
 from tests.test_tracking import _launch, _runs
 
 PARENT = "mlflow.parentRunId"
@@ -103,7 +103,7 @@ def test_a_single_job_always_runs(tmp_path: Path):
 def test_a_run_that_ended_without_results_is_not_resumed(tmp_path: Path):
     from mlflow import MlflowClient
 
-    from intraneuron.tracking.run import INCOMPLETE_TAGS, finished_run
+    from intraneuron.tracking.resume import INCOMPLETE_TAGS, finished_run
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment_id = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))

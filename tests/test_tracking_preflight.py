@@ -19,14 +19,10 @@ from pathlib import Path
 import pytest
 
 from intraneuron.errors import ConfigError
+from intraneuron.tracking.preflight import CONNECT_TIMEOUT_S, check_reachable
 from intraneuron.tracking.run import tracked_run
 from intraneuron.tracking.server import free_port
-from intraneuron.tracking.store import (
-    CONNECT_TIMEOUT_S,
-    TrackingConfig,
-    check_reachable,
-    open_experiment,
-)
+from intraneuron.tracking.store import TrackingConfig, open_experiment
 
 
 def _error(uri: str, tmp_path: Path) -> ConfigError:

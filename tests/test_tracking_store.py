@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from intraneuron.errors import ConfigError
-from intraneuron.tracking import store
+from intraneuron.tracking import preflight
 from intraneuron.tracking.hydra_job import launch_dir
-from intraneuron.tracking.store import TrackingConfig, check_reachable, open_experiment
+from intraneuron.tracking.preflight import check_reachable
+from intraneuron.tracking.store import TrackingConfig, open_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_APP = REPO / "tests" / "toy_app" / "app.py"
@@ -112,7 +113,7 @@ def test_sqlite_on_a_read_only_file_system_is_rejected(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(preflight.tempfile, "mkstemp", read_only)
     error = _rejected(TrackingConfig("sqlite:///runs/m.db"), tmp_path)
     assert "read-only file system" in str(error)
 
@@ -215,10 +216,10 @@ def test_a_server_that_does_not_answer_is_reported_as_timed_out(tmp_path, monkey
         timeouts.append(timeout)
         raise TimeoutError("timed out")
 
-    monkeypatch.setattr(store.socket, "create_connection", silent)
+    monkeypatch.setattr(preflight.socket, "create_connection", silent)
     error = _rejected(TrackingConfig("https://127.0.0.1"), tmp_path)
     assert "no answer from 127.0.0.1:443" in str(error)
-    assert timeouts == [store.CONNECT_TIMEOUT_S] and store.CONNECT_TIMEOUT_S <= 3
+    assert timeouts == [preflight.CONNECT_TIMEOUT_S] and preflight.CONNECT_TIMEOUT_S <= 3
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:notaport", "http:///nohost"])
@@ -231,7 +232,7 @@ def test_databricks_is_left_to_mlflow(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("no connection expected")
 
-    monkeypatch.setattr(store.socket, "create_connection", no_network)
+    monkeypatch.setattr(preflight.socket, "create_connection", no_network)
     check_reachable(TrackingConfig("databricks"), tmp_path)
     assert _tree(tmp_path) == set()
 

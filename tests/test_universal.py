@@ -174,3 +174,23 @@ def test_independently_initialised_models_share_no_universal_neurons(run_job):
         assert not table["universal"].any()
         assert abs(table["excess_corr"].median()) < 0.05
         assert summary.layers[layer]["universal_frac"] == 0.0
+
+
+@pytest.mark.parametrize("fault", ["read_only", "save_fails"])
+def test_a_correlation_cache_that_cannot_be_written_keeps_the_result(run_job, tmp_path, monkeypatch, fault):
+    import errno
+
+    from intraneuron.extraction import cache as cache_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setenv("INTRANEURON_CACHE", str(tmp_path / "cache"))
+    if fault == "read_only":
+        monkeypatch.setattr(cache_module, "_probe_write", refuse)
+    else:
+        monkeypatch.setattr(cache_module.TensorCache, "save", refuse)
+    summary, client = run_job("experiment=universal_smoke", "report=none")
+    assert summary.layers and client.get_run(summary.run_id).info.status == "FINISHED"
+    correlations = tmp_path / "cache" / "correlations"
+    assert not correlations.exists() or not [p for p in correlations.iterdir() if not p.name.startswith(".")]

@@ -13,6 +13,11 @@ per neuron selected for a card (`report` group), a `NeuronView`: its tokens grou
 sees them and its own figures. The runner does everything else (validation, loading, the cached
 extraction, the cards' contexts and histograms, logging), so a new analysis is one module plus one
 YAML file.
+
+A layer may also be analysed in shards (jobs over disjoint neuron ranges, `neurons.shards`);
+`merge_layer` rebuilds the whole layer's LayerResult from the shards' logged tables, so that
+`intraneuron merge` can log what one job of the whole layer would have. Analyses whose layer
+metrics need more than their per-neuron tables keep the default, which refuses.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ class LayerResult:
     tables: dict[str, pd.DataFrame]  # name -> table (layer_<l>/tables/<name>.parquet); empty ones are not logged
     metrics: dict[str, float]  # flat, "<part>/<statistic>": every aggregate (the summary table)
     figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure (L<l>_<name>.png)
+
+
+class ShardMergeError(ValueError):
+    """Shards of a layer that cannot be merged into one layer result (the message says why)."""
 
 
 @dataclass
@@ -126,6 +135,16 @@ class Analysis(ABC, BaseEstimator):
     @abstractmethod
     def analyse_layer(self, job: Job, layer: int, profile: ActivationProfile) -> LayerResult:
         """The analysis of one layer's profile."""
+
+    def merge_layer(self, run: RunConfig, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
+        """The layer's LayerResult from its shards' tables, as one job of all their neurons would
+        have found it. shards: per shard job, its logged tables by name (those of its LayerResult
+        plus `summary`, the metric/value table). `run`: the config of any shard (they differ only
+        in `neurons`). By default the analysis cannot merge (ShardMergeError)."""
+        raise ShardMergeError(
+            f"analysis {self.name} cannot merge the shards of a layer (it implements no merge_layer): "
+            "analyse the whole layer in one job"
+        )
 
     def run_figures(self, metrics: dict[int, dict[str, float]]) -> dict[str, Any]:
         """Figures across the run's layers from each layer's metrics (layer -> LayerResult.metrics),

@@ -12,6 +12,9 @@ other layer aggregate goes to the layer's `summary` table. Figures sit at the ar
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 COMPOSED_CONFIG = "config/composed.yaml"  # the resolved config of the job
 OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
 ERROR_TEXT = "error.txt"  # full traceback of a failed job
@@ -124,3 +127,18 @@ def layer_metrics(run, layer: int) -> dict[str, float]:
     """A layer's headline metrics of an MLflow Run, without the "L<l>/" prefix."""
     prefix = layer_metric(layer, "")
     return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """No MLflow artifact-download progress bars between a command's printed lines (and in a sweep's log)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

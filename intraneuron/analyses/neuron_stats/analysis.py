@@ -79,11 +79,26 @@ class NeuronStatsAnalysis(Analysis):
                 profile, neurons, job.windows.ids, job.token_texts, self.n_contexts, self.context_tokens
             ),
         }
-        metrics = {"neurons/n": float(len(table))}
-        for column in SUMMARISED:
-            for stat, value in distribution(table[column]).items():
-                metrics[f"{column}/{stat}"] = value
-        return LayerResult(tables=tables, metrics=metrics, figures={"moments": moments_figure(table, layer)})
+        return LayerResult(tables=tables, metrics=layer_metrics(table), figures={"moments": moments_figure(table, layer)})
+
+    def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
+        """Every table is per neuron and every metric a summary over the neurons table, so the
+        layer is the shards' tables concatenated by neuron with its metrics recomputed."""
+        from intraneuron.analyses.merge import check_disjoint, concat_by_neuron
+
+        check_disjoint(shards)
+        tables = {name: concat_by_neuron([s.get(name) for s in shards]) for name in ("neurons", "histogram", "contexts")}
+        table = tables["neurons"]
+        return LayerResult(tables=tables, metrics=layer_metrics(table), figures={"moments": moments_figure(table, layer)})
+
+
+def layer_metrics(table: pd.DataFrame) -> dict[str, float]:
+    """The layer metrics: the neuron count and the distribution of each SUMMARISED column."""
+    metrics = {"neurons/n": float(len(table))}
+    for column in SUMMARISED:
+        for stat, value in distribution(table[column]).items():
+            metrics[f"{column}/{stat}"] = value
+    return metrics
 
 
 def neuron_table(profile, neurons: np.ndarray) -> pd.DataFrame:

@@ -65,7 +65,10 @@ def geometry_excess(
     trust c_p_geometry where the pseudo values look normal, compare with the empirical p.
     Skipped rows (row["skipped"] != "") get NaN and pseudo rows that were skipped are left out;
     NaN pseudo values are dropped per column.
+    Idempotent: columns it added before (rows read back from a run, e.g. to merge the shards of a
+    layer) are dropped first and recomputed, so they come out the same and in the same order.
     """
+    rows = rows.drop(columns=geometry_columns_added(columns), errors="ignore")
     out = rows.copy()
     analysed = _blank(rows, "skipped")
     pseudo = pseudo_rows[_blank(pseudo_rows, "skipped")]
@@ -92,6 +95,12 @@ def geometry_excess(
         out[f"{c}_p_geometry"] = np.where(np.isfinite(z), stats.norm.sf(z), empirical)
         out[f"{c}_p_geometry_empirical"] = empirical
     return out
+
+
+def geometry_columns_added(columns: tuple[str, ...] = GEOMETRY_COLUMNS) -> list[str]:
+    """The columns `geometry_excess` adds to the rows, in the order it adds them."""
+    suffixes = ("_excess", "_z_geometry", "_p_geometry", "_p_geometry_empirical")
+    return [f"{c}{suffix}" for c in columns for suffix in suffixes]
 
 
 def aggregate_layer(

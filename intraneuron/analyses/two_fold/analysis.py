@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from intraneuron.analyses.base import Analysis, Job, LayerResult, NeuronView, Requirements
+from intraneuron.analyses.merge import check_disjoint, concat_by_neuron, same_table, shard_metric
 from intraneuron.analyses.neurons import NeuronsConfig
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
@@ -23,6 +24,9 @@ from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
 from intraneuron.embeddings.config import EmbeddingConfig
 from intraneuron.errors import ConfigError
 from intraneuron.extraction.engine import progress_interval
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +143,53 @@ class TwoFoldAnalysis(Analysis):
         self.vectors_ = None if embedding.per_layer else embedding.build(job.handle)
 
     def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
-        from intraneuron.analyses.two_fold.aggregate import aggregate_layer, geometry_excess
         from intraneuron.analyses.two_fold.figures import layer_figures
 
         started = time.perf_counter()
         groups = job.run.groups
         neurons = groups["neurons"].indices(job.handle.d_mlp)
         tables = self._analyse(job, layer, profile, neurons, progress_label=f"analyse layer {layer}")
-        rows = tables["neurons"]
-        pseudo_rows = None
         if (pseudo := profile.pseudo()) is not None:
             # the layer's geometry null: random read-in directions through the same pipeline
             pseudo_tables = self._analyse(job, layer, pseudo, np.arange(pseudo.d_mlp), pseudo=True,
                                           progress_label=f"pseudo-neurons layer {layer}")  # fmt: skip
-            pseudo_rows = pseudo_tables["neurons"]
-            rows = geometry_excess(rows, pseudo_rows)
-            tables["neurons"] = rows
-            tables["pseudo_neurons"] = pseudo_rows
+            tables["pseudo_neurons"] = pseudo_tables["neurons"]
+        metrics = self._layer_metrics(tables, labelled=self.label_ is not None)
+        metrics["analysis_seconds"] = time.perf_counter() - started
+        rows = tables["neurons"]
+        for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
+            log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
+        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+
+    def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
+        """One layer from shard jobs over disjoint neuron sets: their per-neuron tables
+        concatenated (by neuron), the pseudo-neurons' table (the same in every shard: the same
+        seeded directions and pipeline) once, and the neurons' geometry excess and the layer
+        metrics recomputed from them by the code `analyse_layer` runs, so the result is the one
+        job's. analysis_seconds: the shards' sum."""
+        from intraneuron.analyses.two_fold.figures import layer_figures
+        from intraneuron.analyses.two_fold.layer import TABLES
+
+        check_disjoint(shards)
+        tables = {name: concat_by_neuron([shard.get(name) for shard in shards]) for name in TABLES}
+        pseudo = [shard.get("pseudo_neurons") for shard in shards]
+        if any(p is not None for p in pseudo):
+            tables["pseudo_neurons"] = same_table(pseudo, "pseudo_neurons")
+        labelled = run.groups["clustering"].categories == "wordnet"
+        metrics = self._layer_metrics(tables, labelled=labelled)
+        metrics["analysis_seconds"] = float(sum(shard_metric(shard, "analysis_seconds") for shard in shards))
+        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+
+    def _layer_metrics(self, tables: dict[str, pd.DataFrame], *, labelled: bool) -> dict[str, float]:
+        """The layer metrics (and, in place, the neurons table's geometry excess against the
+        pseudo-neurons when `tables` has them) from the per-neuron tables of the layer's neurons;
+        one code path for one job (`analyse_layer`) and for merged shards (`merge_layer`).
+        labelled: categories are WordNet labels (label coverage is then a metric)."""
+        from intraneuron.analyses.two_fold.aggregate import aggregate_layer, geometry_excess
+
+        rows, pseudo_rows = tables["neurons"], tables.get("pseudo_neurons")
+        if pseudo_rows is not None:
+            rows = tables["neurons"] = geometry_excess(rows, pseudo_rows)
         metrics = aggregate_layer(rows, self.alpha, pseudo_rows)
         metrics["core_tokens/n_mean"] = float(rows["n_core"].mean()) if len(rows) else np.nan
         metrics["core_tokens/overlap_median"] = float(rows["core_overlap"].median()) if len(rows) else np.nan
@@ -164,12 +198,9 @@ class TwoFoldAnalysis(Analysis):
             float(rows["skipped"].str.startswith(("selectivity", "constant")).mean()) if len(rows) else np.nan
         )
         metrics["embedding/unembedded_frac"] = _ratio(rows, "n_unembedded", "n_core")
-        if self.label_ is not None:
+        if labelled:
             metrics["categories/label_coverage_mean"] = float(rows["label_coverage"].mean())
-        metrics["analysis_seconds"] = time.perf_counter() - started
-        for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
-            log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
-        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+        return metrics
 
     def _analyse(self, job: Job, layer: int, profile, neurons: np.ndarray, *, pseudo: bool = False,
                  progress_label: str = "") -> dict:  # fmt: skip

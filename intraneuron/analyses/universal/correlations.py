@@ -4,6 +4,7 @@ report) reads the correlations back instead of streaming every model again."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -56,13 +57,23 @@ def cached_correlations(job, analysis, on_progress=None) -> Correlations:
     }  # fmt: skip
     key = cache_key(fields)
     cache = TensorCache(paths.cache_dir(), "correlations")
-    hit = cache.load(key)
-    if hit is not None:
+    if (hit := cache.load(key)) is not None:
         log.info("correlations from cache %s", cache.entry(key))
         return _unpack(*hit)
-    result = correlate_models(job.handle, job.others, job.windows.ids, list(job.run.layers), layers,
-                              settings, on_progress)  # fmt: skip
-    cache.save(key, _pack(result), {"n_tokens": result.n_tokens}, fields)
+    # as for profiles: a read-only cache is noticed before the pass (warned, nothing saved), and jobs
+    # that need the same entry wait for the first one's save and read it
+    writable = cache.writable()
+    with cache.locked([key]) if writable else contextlib.nullcontext():
+        if writable and (hit := cache.load(key)) is not None:
+            log.info("correlations from cache %s (written by another job)", cache.entry(key))
+            return _unpack(*hit)
+        result = correlate_models(job.handle, job.others, job.windows.ids, list(job.run.layers), layers,
+                                  settings, on_progress)  # fmt: skip
+        if writable:
+            try:
+                cache.save(key, _pack(result), {"n_tokens": result.n_tokens}, fields)
+            except OSError as err:  # a full or vanished disk costs the cache entry, not the result
+                log.warning("cache %s: could not save the correlations (%s); not cached", cache.root, err)
     return result
 
 

@@ -1,0 +1,396 @@
+"""Real servers for scale-out tests, on 127.0.0.1 only, on free ports, stopped by process id.
+
+    with LocalPostgres() as db_uri, LocalMlflowServer(db_uri, tmp / "artifacts") as server:
+        ...  # server.url is http://127.0.0.1:<port>, a tracker on PostgreSQL
+    with LocalRayCluster() as cluster:
+        ...  # cluster.address is 127.0.0.1:<port>; RAY_ADDRESS=cluster.address for a driver
+
+`LocalPostgres` runs Debian's PostgreSQL binaries (`initdb`, `postgres`) in a temporary data
+directory with trust authentication, as the `postgres` user when we are root (postgres refuses to
+run as root). `LocalRayCluster` runs `ray start --head --block` as our own child in its own process
+group; every process of the cluster (GCS, raylet, workers, monitors) descends from it, and on stop
+each one is signalled by its id and checked to be gone. `skip_unless_postgres` and
+`skip_unless_ray` skip a test only when the binaries or the package are genuinely absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from intraneuron.tracking.server import HOST, free_port, pid_alive
+
+PG_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)  # the newest first
+STOP_TIMEOUT = 20.0
+# Ray (2.60) replaces 127.0.0.1 in an address by the machine's outward IP and binds its gRPC servers
+# to every interface, unless it believes it runs on one machine only: this setting (read by every
+# Ray process, driver included) makes it keep and bind 127.0.0.1.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def postgres_bin(name: str) -> str | None:
+    """The path of a PostgreSQL server binary (initdb, postgres), or None."""
+    for folder in PG_BIN_DIRS:
+        if (folder / name).is_file():
+            return str(folder / name)
+    return shutil.which(name)
+
+
+def skip_unless_postgres() -> None:
+    missing = [name for name in ("initdb", "postgres") if postgres_bin(name) is None]
+    if missing:
+        pytest.skip(
+            f"PostgreSQL server binaries not installed ({', '.join(missing)}; Debian package `postgresql`)"
+        )
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg (PostgreSQL driver) not installed: pip install 'intraneuron[scale]'")
+
+
+def skip_unless_ray() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pytest.skip("ray not installed: pip install 'intraneuron[scale]'")
+    if ray_bin() is None:
+        pytest.skip("the `ray` command is not installed next to this interpreter")
+
+
+def ray_bin() -> str | None:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.is_file() else shutil.which("ray")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def stop_processes(
+    root: subprocess.Popen, others: list[psutil.Process], sig: int, timeout: float
+) -> list[int]:
+    """Send `sig` to `root` (then SIGKILL after `timeout`) and wait for it and `others` to be gone;
+    whatever is left of `others` is killed by id. Returns the ids still alive (empty on success)."""
+    with contextlib.suppress(ProcessLookupError):
+        root.send_signal(sig)
+    try:
+        root.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            root.kill()
+        root.wait(timeout)
+    _, alive = psutil.wait_procs(others, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    _, alive = psutil.wait_procs(alive, timeout=timeout)
+    left = [p.pid for p in alive]
+    if pid_alive(root.pid) and root.returncode is None:
+        left.append(root.pid)
+    return left
+
+
+def _as_postgres_user() -> dict:
+    """Popen arguments that run a PostgreSQL binary as `postgres` when we are root (exec'd
+    directly, so the child's id is the server's own)."""
+    if os.getuid() != 0:
+        return {}
+    import grp
+    import pwd
+
+    user = pwd.getpwnam("postgres")
+    groups = [g.gr_gid for g in grp.getgrall() if "postgres" in g.gr_mem]
+    return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": groups}
+
+
+# ---------------------------------------------------------------------------------------- PostgreSQL
+
+
+class LocalPostgres:
+    """A throw-away PostgreSQL server on 127.0.0.1:<free port> with one database.
+
+    Entering yields the SQLAlchemy URI `postgresql+psycopg://postgres@127.0.0.1:<port>/<database>`
+    (trust authentication, no password). Leaving sends SIGINT (fast shutdown) to the postmaster,
+    SIGKILL after `stop_timeout`, checks that it and every backend it had are gone, and removes the
+    data directory.
+    """
+
+    def __init__(
+        self,
+        database: str = "mlflow",
+        *,
+        start_timeout: float = 60.0,
+        stop_timeout: float = STOP_TIMEOUT,
+    ):
+        self.database = database
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.root: Path | None = None
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def uri(self) -> str:
+        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/{self.database}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def conninfo(self, database: str | None = None) -> str:
+        return f"host={HOST} port={self.port} user=postgres dbname={database or self.database} connect_timeout=2"
+
+    def __enter__(self) -> str:
+        self.start()
+        return self.uri
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> LocalPostgres:
+        skip_unless_postgres()
+        # not under pytest's 0700 root-owned tmp folders: the postgres user must reach it
+        self.root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+        try:
+            owner = _as_postgres_user()
+            if owner:
+                os.chown(self.root, owner["user"], owner["group"])
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+            env["LC_ALL"] = env["LANG"] = "C.UTF-8"
+            initdb = [postgres_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
+                      "--auth=trust", "--encoding=UTF8", "--no-sync"]  # fmt: skip
+            done = subprocess.run(
+                initdb, env=env, cwd=self.root, capture_output=True, text=True, timeout=120, **owner
+            )
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"initdb failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                )
+            self.port = free_port()
+            command = [
+                postgres_bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                "-k", str(self.root), "-h", HOST,
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                "-c", "max_connections=50", "-c", "shared_buffers=32MB",
+            ]  # fmt: skip
+            with (self.root / "server.log").open("wb") as log:
+                self.process = subprocess.Popen(
+                    command, env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True, **owner,
+                )  # fmt: skip
+            self._wait_ready()
+            self._create_database()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, chars: int = 3000) -> str:
+        log = self.root / "server.log" if self.root else None
+        return log.read_text(errors="replace")[-chars:] if log and log.exists() else ""
+
+    def _wait_ready(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"postgres exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with psycopg.connect(self.conninfo("postgres")):
+                    return
+            except psycopg.OperationalError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"postgres not accepting connections within {self.start_timeout:.0f} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.2)
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{self.database}"')
+
+    def stop(self) -> None:
+        """Fast shutdown by the postmaster's id; raises if it or a backend outlives SIGKILL."""
+        try:
+            if self.process is not None:
+                backends = descendants(self.pid)
+                left = stop_processes(self.process, backends, signal.SIGINT, self.stop_timeout)
+                if left:
+                    raise RuntimeError(f"postgres processes {left} outlived SIGKILL")
+        finally:
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- Ray
+
+
+class LocalRayCluster:
+    """A one-node Ray cluster: `ray start --head --block` on 127.0.0.1:<free port>.
+
+    `address` ("127.0.0.1:<port>") is what RAY_ADDRESS or `hydra.launcher.ray.init.address` take.
+    Ray workers inherit the environment of the cluster, not of the driver: pass what jobs need
+    (INTRANEURON_CACHE, HF_HUB_OFFLINE, ...) in `env`. Stopping sends SIGTERM to `ray start`
+    (which tears its services down), then kills by id every process of the cluster that is left:
+    the descendants of `ray start` and every process whose command line names this cluster's
+    temporary directory or GCS port (a worker re-parented to init still does).
+    """
+
+    def __init__(
+        self,
+        num_cpus: int = 2,
+        *,
+        env: dict[str, str] | None = None,
+        object_store_mb: int = 100,
+        start_timeout: float = 120.0,
+        stop_timeout: float = STOP_TIMEOUT,
+    ):
+        self.num_cpus, self.object_store_mb = num_cpus, object_store_mb
+        self.extra_env = dict(env or {})
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.temp_dir: Path | None = None
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def driver_env(self) -> dict[str, str]:
+        """What a driver's environment needs to use this cluster over 127.0.0.1."""
+        return {"RAY_ADDRESS": self.address, **LOOPBACK_ONLY}
+
+    def __enter__(self) -> LocalRayCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def start(self) -> LocalRayCluster:
+        skip_unless_ray()
+        # short: Ray's unix sockets live under it (108 characters at most)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        self.port = free_port()
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "HYDRA_"))
+        }
+        env.update(self.extra_env)
+        env.update(LOOPBACK_ONLY)
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        command = [
+            ray_bin(), "start", "--head", "--block", "--disable-usage-stats",
+            f"--node-ip-address={HOST}", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+            "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--temp-dir={self.temp_dir}",
+            f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--min-worker-port={self._worker_ports()[0]}",
+            f"--max-worker-port={self._worker_ports()[1]}", f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ]  # fmt: skip
+        with (self.temp_dir / "ray-start.log").open("wb") as log:
+            self.process = subprocess.Popen(
+                command, env=env, cwd=self.temp_dir, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _worker_ports(self) -> tuple[int, int]:
+        # a band of ports for this cluster's workers, away from the ephemeral range
+        base = 20000 + (self.port % 200) * 100
+        return base, base + 99
+
+    def log_tail(self, chars: int = 3000) -> str:
+        log = self.temp_dir / "ray-start.log" if self.temp_dir else None
+        return log.read_text(errors="replace")[-chars:] if log and log.exists() else ""
+
+    def _wait_ready(self) -> None:
+        """Until a raylet of this cluster runs and `ray start` reports the node started."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"ray start exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            started = "Ray runtime started" in self.log_tail(100_000)
+            names = {p.name() for p in self._processes() if _safe(p.name)}
+            if started and "raylet" in names and "gcs_server" in names:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"ray cluster not started within {self.start_timeout:.0f} s:\n{self.log_tail()}"
+                )
+            time.sleep(0.5)
+
+    def _processes(self) -> list[psutil.Process]:
+        """Every live process of this cluster: descendants of `ray start` and any process whose
+        command line names this cluster's temp dir or GCS address (orphans re-parented to init)."""
+        found = {p.pid: p for p in descendants(self.pid)} if self.process else {}
+        marks = [str(self.temp_dir), f"{HOST}:{self.port}", f"--gcs-address={HOST}:{self.port}"]
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(process.info.get("cmdline") or [])
+            if process.pid != os.getpid() and any(mark in cmdline for mark in marks):
+                found.setdefault(process.pid, process)
+        found.pop(self.pid if self.process else -1, None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        """SIGTERM to `ray start`, then SIGKILL by id to every process of the cluster still alive;
+        raises if any survives. Removes the temp dir."""
+        try:
+            if self.process is not None:
+                left = stop_processes(
+                    self.process, self._processes(), signal.SIGTERM, self.stop_timeout
+                )
+                stragglers = self._processes()  # started while stopping
+                for process in stragglers:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+                _, alive = psutil.wait_procs(stragglers, timeout=self.stop_timeout)
+                left += [p.pid for p in alive]
+                if left:
+                    raise RuntimeError(f"ray processes {sorted(set(left))} outlived SIGKILL")
+        finally:
+            if self.temp_dir is not None:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _safe(getter) -> bool:
+    try:
+        getter()
+    except psutil.Error:
+        return False
+    return True
