@@ -263,3 +263,22 @@ def test_a_pending_shard_job_ends_finished_and_the_last_one_analyses(run_job, tm
     assert run.info.status == "FINISHED" and "intraneuron.extraction_shard_pending" not in run.data.tags
     assert run.data.tags["cache_key.layer_0"] == key
     assert ProfileCache(cache_dir()).load(key) is not None
+
+
+@pytest.mark.parametrize("decimals", [0, 1, 3])
+def test_topk_with_ties_equals_a_full_sort_by_value_then_position(decimals):
+    from intraneuron.extraction.reducers import TopK
+
+    generator = torch.Generator().manual_seed(decimals)
+    K, D, batches = 20, 7, [50, 3, 120, 64]
+    acts = torch.randn(sum(batches), D, generator=generator).round(decimals=decimals)  # [N, D], many ties
+    acts[:, 0] = 1.0  # a column that is all one value
+    stat, start = TopK(K, D), 0
+    for size in batches:
+        stat.add(acts[start : start + size], torch.arange(start, start + size))
+        start += size
+    values = acts.numpy()
+    for d in range(D):
+        order = np.lexsort((np.arange(len(values)), -values[:, d]))[:K]  # value descending, then position
+        np.testing.assert_array_equal(stat.positions[:, d].numpy(), order)
+        np.testing.assert_array_equal(stat.values[:, d].numpy(), values[order, d])

@@ -69,24 +69,27 @@ class TopK(Stat):
 
         torch.topk breaks ties arbitrarily, so which of equal values (a token in identical contexts,
         such as BOS at position 0 of every window) is kept would depend on how the corpus was cut
-        into batches and shards. Ties are rare: topk answers when there are none, a stable sort by
-        (value descending, position ascending) when there are, and then a pass, its shards merged in
-        any order, and any batch size keep the same positions.
+        into batches and shards. Ties are rare: topk answers for the columns without one, and for the
+        others a stable sort by (value descending, position ascending) of the few candidates at or
+        above the K-th value; then a pass, its shards merged in any order, and any batch size keep
+        the same positions.
         """
         cand_values = torch.cat([self.values, values])  # [K + N, D]
         cand_positions = torch.cat([self.positions, positions])  # [K + N, D]
-        top = cand_values.topk(self.k, dim=0)  # sorted descending
-        kth = top.values[-1]  # [D]
-        tied_inside = (top.values[1:] == top.values[:-1]).any(0)  # [D] equal values among the kept
-        tied_at_edge = (cand_values == kth).sum(0) > (top.values == kth).sum(0)  # [D] one left out
-        tied = (tied_inside | tied_at_edge).nonzero().squeeze(1)  # [T] the columns to sort
-        indices = top.indices  # [K, D]
+        top = cand_values.topk(min(self.k + 1, len(cand_values)), dim=0)  # [K + 1, D] descending
+        # a tie changes what is kept, or its order, only if two of the K + 1 largest are equal
+        tied = (top.values[1:] == top.values[:-1]).any(0).nonzero().squeeze(1)  # [T] columns
+        indices = top.indices[: self.k]  # [K, D]
         if len(tied):
-            values_t, positions_t = cand_values[:, tied], cand_positions[:, tied]  # [K + N, T]
-            by_position = positions_t.argsort(dim=0, stable=True)
-            order = values_t.gather(0, by_position).argsort(dim=0, descending=True, stable=True)[: self.k]
+            values_t = cand_values[:, tied]  # [K + N, T]
+            kth = top.values[self.k - 1, tied]  # [T]
+            m = int((values_t >= kth).sum(0).max())  # every value tied with the K-th is among the m largest
+            near = values_t.topk(m, dim=0)  # [m, T]
+            near_positions = cand_positions[:, tied].gather(0, near.indices)  # [m, T]
+            by_position = near_positions.argsort(dim=0, stable=True)
+            order = near.values.gather(0, by_position).argsort(dim=0, descending=True, stable=True)[: self.k]
             indices = indices.clone()
-            indices[:, tied] = by_position.gather(0, order)
+            indices[:, tied] = near.indices.gather(0, by_position.gather(0, order))
         self.values = cand_values.gather(0, indices)
         self.positions = cand_positions.gather(0, indices)
 
