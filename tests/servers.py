@@ -121,6 +121,19 @@ def _as_postgres_user() -> dict:
 # ---------------------------------------------------------------------------------------- PostgreSQL
 
 
+
+def wait_until(process: subprocess.Popen, ready, name: str, what: str, timeout: float, log_tail,
+               interval: float) -> None:  # fmt: skip
+    """Poll `ready()` every `interval` s until it is true; RuntimeError with the log's tail if the
+    server's process exits first, TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name}: not {what} within {timeout:.0f} s:\n{log_tail()}")
+        time.sleep(interval)
+
 class LocalPostgres:
     """A throw-away PostgreSQL server on 127.0.0.1:<free port> with one database.
 
@@ -210,22 +223,14 @@ class LocalPostgres:
     def _wait_ready(self) -> None:
         import psycopg
 
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"postgres exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
+        def accepts() -> bool:
             try:
                 with psycopg.connect(self.conninfo("postgres")):
-                    return
+                    return True
             except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"postgres not accepting connections within {self.start_timeout:.0f} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.2)
+                return False
+
+        wait_until(self.process, accepts, "postgres", "accepting connections", self.start_timeout, self.log_tail, 0.2)
 
     def _create_database(self) -> None:
         import psycopg
@@ -339,21 +344,12 @@ class LocalRayCluster:
 
     def _wait_ready(self) -> None:
         """Until a raylet of this cluster runs and `ray start` reports the node started."""
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"ray start exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            started = "Ray runtime started" in self.log_tail(100_000)
+
+        def started() -> bool:
             names = {p.name() for p in self._processes() if _safe(p.name)}
-            if started and "raylet" in names and "gcs_server" in names:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"ray cluster not started within {self.start_timeout:.0f} s:\n{self.log_tail()}"
-                )
-            time.sleep(0.5)
+            return "Ray runtime started" in self.log_tail(100_000) and {"raylet", "gcs_server"} <= names
+
+        wait_until(self.process, started, "ray start", "the cluster started", self.start_timeout, self.log_tail, 0.5)
 
     def _processes(self) -> list[psutil.Process]:
         """Every live process of this cluster: descendants of `ray start` and any process whose
