@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,6 +122,43 @@ def _as_postgres_user() -> dict:
 # ---------------------------------------------------------------------------------------- PostgreSQL
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` free ports on 127.0.0.1, all different: each socket stays bound until all are
+    chosen (closing one before binding the next may hand the same port out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def worker_port_band(taken: set[int], width: int = 100) -> tuple[int, int]:
+    """A band of `width` free ports below the kernel's ephemeral range (where the free ports the
+    other components got come from), none of them in `taken`; its first and last port."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    bases = list(range(10000, ephemeral_low - width, width))
+    start = os.getpid() % len(bases)  # two clusters started together look in different places
+    for base in bases[start:] + bases[:start]:
+        band = range(base, base + width)
+        if taken.isdisjoint(band) and all(_port_free(port) for port in band):
+            return base, base + width - 1
+    raise RuntimeError(f"no band of {width} free ports below {ephemeral_low} for Ray's workers")
+
 
 def wait_until(process: subprocess.Popen, ready, name: str, what: str, timeout: float, log_tail,
                interval: float) -> None:  # fmt: skip
@@ -133,6 +171,7 @@ def wait_until(process: subprocess.Popen, ready, name: str, what: str, timeout: 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name}: not {what} within {timeout:.0f} s:\n{log_tail()}")
         time.sleep(interval)
+
 
 class LocalPostgres:
     """A throw-away PostgreSQL server on 127.0.0.1:<free port> with one database.
@@ -230,7 +269,15 @@ class LocalPostgres:
             except psycopg.OperationalError:
                 return False
 
-        wait_until(self.process, accepts, "postgres", "accepting connections", self.start_timeout, self.log_tail, 0.2)
+        wait_until(
+            self.process,
+            accepts,
+            "postgres",
+            "accepting connections",
+            self.start_timeout,
+            self.log_tail,
+            0.2,
+        )
 
     def _create_database(self) -> None:
         import psycopg
@@ -303,7 +350,10 @@ class LocalRayCluster:
         skip_unless_ray()
         # short: Ray's unix sockets live under it (108 characters at most)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-        self.port = free_port()
+        # every port chosen at once (so no two coincide), the workers' band outside all of them
+        ports = distinct_free_ports(10)
+        self.port = ports[0]
+        low, high = worker_port_band(set(ports))
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "HYDRA_"))
         }
@@ -313,13 +363,13 @@ class LocalRayCluster:
         command = [
             ray_bin(), "start", "--head", "--block", "--disable-usage-stats",
             f"--node-ip-address={HOST}", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-            "--include-dashboard=false", f"--dashboard-port={free_port()}", f"--temp-dir={self.temp_dir}",
+            "--include-dashboard=false", f"--dashboard-port={ports[1]}", f"--temp-dir={self.temp_dir}",
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--ray-client-server-port={free_port()}", f"--min-worker-port={self._worker_ports()[0]}",
-            f"--max-worker-port={self._worker_ports()[1]}", f"--metrics-export-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
+            f"--node-manager-port={ports[2]}", f"--object-manager-port={ports[3]}",
+            f"--ray-client-server-port={ports[4]}", f"--min-worker-port={low}",
+            f"--max-worker-port={high}", f"--metrics-export-port={ports[5]}",
+            f"--dashboard-agent-listen-port={ports[6]}", f"--dashboard-agent-grpc-port={ports[7]}",
+            f"--runtime-env-agent-port={ports[8]}",
         ]  # fmt: skip
         with (self.temp_dir / "ray-start.log").open("wb") as log:
             self.process = subprocess.Popen(
@@ -347,9 +397,20 @@ class LocalRayCluster:
 
         def started() -> bool:
             names = {p.name() for p in self._processes() if _safe(p.name)}
-            return "Ray runtime started" in self.log_tail(100_000) and {"raylet", "gcs_server"} <= names
+            return (
+                "Ray runtime started" in self.log_tail(100_000)
+                and {"raylet", "gcs_server"} <= names
+            )
 
-        wait_until(self.process, started, "ray start", "the cluster started", self.start_timeout, self.log_tail, 0.5)
+        wait_until(
+            self.process,
+            started,
+            "ray start",
+            "the cluster started",
+            self.start_timeout,
+            self.log_tail,
+            0.5,
+        )
 
     def _processes(self) -> list[psutil.Process]:
         """Every live process of this cluster: descendants of `ray start` and any process whose

@@ -17,7 +17,12 @@ import pytest
 from mlflow import MlflowClient
 
 from intraneuron.tracking.server import LocalMlflowServer, group_alive, pid_alive
-from tests.servers import LocalPostgres, LocalRayCluster
+from tests.servers import (
+    LocalPostgres,
+    LocalRayCluster,
+    distinct_free_ports,
+    worker_port_band,
+)
 from tests.test_runner import BASE
 
 pytestmark = pytest.mark.slow
@@ -160,6 +165,18 @@ def test_local_postgres_accepts_connections_and_stops_by_pid():
     assert not server.root.exists()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(server.conninfo("postgres"))
+
+
+def test_ray_ports_are_distinct_and_outside_the_workers_band():
+    """A cluster once failed to start: its GCS port, 33333, fell in the band given to its workers."""
+    ports = distinct_free_ports(10)
+    assert len(set(ports)) == 10
+    low, high = worker_port_band({33333, *ports})
+    band = set(range(low, high + 1))
+    assert len(band) == 100 and band.isdisjoint({33333, *ports})
+    # every candidate band but one taken: that one is found
+    crowded = {port for port in range(10000, 32768) if not 20000 <= port < 20100}
+    assert worker_port_band(crowded) == (20000, 20099)
 
 
 def test_local_ray_cluster_runs_a_task_and_stops_by_pid():
