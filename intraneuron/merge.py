@@ -34,7 +34,6 @@ from intraneuron.analyses.base import ShardMergeError
 
 MERGED_TAG = "intraneuron.merged"
 MERGED_FROM_TAG = "intraneuron.merged_from"
-MERGE_ERROR_TAG = "intraneuron.merge_error"  # on a sweep's parent whose shards could not be merged
 RANGE_KEYS = ("select", "start", "stop", "shard", "shards")  # of `neurons`: what differs between shards
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -90,7 +89,25 @@ def merge_sweep(client, parent_id: str, *, allow_gaps: bool = False,
     from intraneuron.reports.artifacts import quiet_downloads
 
     with quiet_downloads():
-        return _merge_sweep(client, parent_id, allow_gaps, echo)
+        merged = _merge_sweep(client, parent_id, allow_gaps, echo)
+    clear_merge_error(client, parent_id)
+    return merged
+
+
+def clear_merge_error(client, parent_id: str) -> None:
+    """After a merge that succeeded: the parent's MERGE_ERROR_TAG goes, and a parent that ended
+    FAILED only for it (no job failed or was killed) ends FINISHED."""
+    from mlflow.entities import RunStatus
+
+    from intraneuron.tracking.sweep_callback import MERGE_ERROR_TAG
+
+    parent = client.get_run(parent_id)
+    if MERGE_ERROR_TAG not in parent.data.tags:
+        return
+    client.delete_tag(parent_id, MERGE_ERROR_TAG)
+    jobs_ok = not parent.data.metrics.get("sweep.jobs_failed") and not parent.data.metrics.get("sweep.jobs_killed")
+    if parent.info.status == RunStatus.to_string(RunStatus.FAILED) and jobs_ok:
+        client.set_terminated(parent_id, status=RunStatus.to_string(RunStatus.FINISHED))
 
 
 def _merge_sweep(client, parent_id: str, allow_gaps: bool, echo: Callable[[str], None]) -> list[MergedLayer]:
@@ -331,7 +348,8 @@ class MergeShardsCallback(Callback):
     Hydra calls `on_multirun_end` of its callbacks in reverse order, and this one is listed after
     `mlflow_sweep`, so it runs first; Hydra skips it when a job failed (nothing whole to merge;
     `intraneuron merge --allow-gaps` merges what there is). A merge that fails is one line on
-    stderr and the tag MERGE_ERROR_TAG on the parent run; the sweep's status is left as it was.
+    stderr and the tag MERGE_ERROR_TAG on the parent run, which then ends FAILED; `intraneuron merge`
+    run later (after a rerun of the missing shard, or with --allow-gaps) clears both.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None,
@@ -346,6 +364,7 @@ class MergeShardsCallback(Callback):
 
         from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE
         from intraneuron.tracking.store import TrackingConfig, open_experiment
+        from intraneuron.tracking.sweep_callback import MERGE_ERROR_TAG
 
         base_dir = Path.cwd()  # the launching directory, as for the sweep's parent run
         marker = (base_dir / str(config.hydra.sweep.dir)).resolve() / PARENT_RUN_ID_FILE
@@ -357,7 +376,8 @@ class MergeShardsCallback(Callback):
             merge_sweep(client, parent_id, echo=lambda line: print(f"merge_shards: {line}"))
         except Exception as error:
             message = f"{type(error).__name__}: {_first_line(error)}"
-            sys.stderr.write(f"MLflow sweep run {parent_id}: shards not merged ({message})\n")
+            sys.stderr.write(f"MLflow sweep run {parent_id}: shards not merged ({message}); the run ends FAILED "
+                             f"until `intraneuron merge {parent_id}` succeeds\n")  # fmt: skip
             if client is not None:
                 with contextlib.suppress(Exception):
                     client.set_tag(parent_id, MERGE_ERROR_TAG, message)

@@ -283,8 +283,10 @@ def test_three_uneven_shards_merged_by_the_command_equal_one_job_of_the_layer(st
 def test_a_missing_shard_is_a_gap_that_is_not_merged_unless_allowed(store):
     cwd, client, ids, done = store
     assert "shards not merged" in done["gap"].stderr and "shards 1 of neurons.shards=3" in done["gap"].stderr
+    assert "jobs did not finish" not in done["gap"].stderr  # every job did: only the merge failed
     parent = client.get_run(ids["gap"])
     assert "intraneuron.merged" not in parent.data.tags and "shards 1" in parent.data.tags["intraneuron.merge_error"]
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep.jobs_finished"] == 2
     refused = _merge(cwd, ids["gap"])
     assert refused.returncode == 1
     assert "intraneuron merge: layer 0: shards 1 of neurons.shards=3 have no FINISHED run" in refused.stderr
@@ -292,3 +294,6 @@ def test_a_missing_shard_is_a_gap_that_is_not_merged_unless_allowed(store):
     allowed = _merge(cwd, ids["gap"], "--allow-gaps")
     assert allowed.returncode == 0, allowed.stderr
     assert "(neurons 0-10, 22-31)" in allowed.stdout and "neurons_analysed=21" in allowed.stdout
+    merged = client.get_run(ids["gap"])  # merged as asked: no longer failed, the error gone
+    assert merged.info.status == "FINISHED" and merged.data.tags["intraneuron.merged"] == "true"
+    assert "intraneuron.merge_error" not in merged.data.tags

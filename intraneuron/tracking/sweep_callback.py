@@ -9,7 +9,8 @@ A tracking location that cannot be used, a parent run that cannot be opened, or 
 already holds another sweep's RUNNING or FINISHED parent run stops the sweep before any job is
 launched (one line on stderr, exit status 1). When a job fails, Hydra's sweeper re-raises its exception after the batch
 has run and never calls `on_multirun_end`; an atexit hook then closes the parent as FAILED and
-prints which jobs failed.
+prints which jobs failed. A sweep whose jobs all finished but whose shards could not be merged
+(MERGE_ERROR_TAG) ends FAILED too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ _FAILED = RunStatus.to_string(RunStatus.FAILED)
 _KILLED = RunStatus.to_string(RunStatus.KILLED)
 _RUNNING = RunStatus.to_string(RunStatus.RUNNING)
 _ORPHAN_ERROR = "the job ended without closing its run (its process crashed or was killed)"
+# set on the parent by the merge_shards callback (intraneuron/merge.py), which runs before _close,
+# when the sweep's shards could not be merged; cleared by a later merge that succeeds
+MERGE_ERROR_TAG = "intraneuron.merge_error"
 
 
 class MlflowSweepCallback(Callback):
@@ -142,10 +146,12 @@ class MlflowSweepCallback(Callback):
             status = _KILLED
         elif counts[_FAILED] or not sweep_completed:
             status = _FAILED
+        elif client.get_run(parent_id).data.tags.get(MERGE_ERROR_TAG):
+            status = _FAILED  # the merge callback has already said why, on stderr
         else:
             status = _FINISHED
         client.set_terminated(parent_id, status=status)
-        if status != _FINISHED:
+        if status != _FINISHED and (counts[_FAILED] or counts[_KILLED] or not sweep_completed):
             _report(children, statuses, parent_id, sweep_completed)
 
 
