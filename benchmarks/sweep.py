@@ -15,8 +15,9 @@ With --launchers it measures instead the launcher, on the tiny model (experiment
 8-job sweep (clustering x segmentation x layer, each job its own output folder and MLflow run in a
 sqlite store of a temporary folder) once with hydra/launcher=parallel (joblib, n_jobs=2) and once
 with hydra/launcher=ray on a local Ray cluster of 2 CPUs (one CPU per job) that the script starts
-on 127.0.0.1 beforehand and stops by process id afterwards, and prints both wall times and their
-ratio (one run of each; every job of both sweeps must finish):
+on 127.0.0.1 beforehand and stops by process id afterwards, twice: with the config's fresh worker
+per job (max_calls=1) and with reused workers (max_calls=0). It prints the wall times and their
+ratios to joblib's (one run of each; every job of every sweep must finish):
 
     python benchmarks/sweep.py --launchers
 """
@@ -107,12 +108,12 @@ SMALL = ["experiment=smoke", "neurons=range", "neurons.stop=32", "extraction.pse
          "extraction.progress=false", "tracking.system_metrics=false"]  # fmt: skip
 
 
-def launcher_sweep(work: Path, launcher: str, env: dict[str, str]) -> float:
+def launcher_sweep(work: Path, launcher: str, env: dict[str, str], *overrides: str) -> float:
     """Wall time of the 8-job sweep with `launcher`, in `work` (its own store, sweep folder)."""
     work.mkdir()
     command = [
         sys.executable, "-m", "intraneuron", "--multirun", *SMALL, *LAUNCHER_SWEEP,
-        f"hydra/launcher={launcher}", f"hydra.sweep.dir={work / 'multirun'}",
+        f"hydra/launcher={launcher}", *overrides, f"hydra.sweep.dir={work / 'multirun'}",
         "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=launcher-bench",
     ]  # fmt: skip
     started = time.perf_counter()
@@ -157,7 +158,9 @@ def compare_launchers() -> None:
         started = time.perf_counter()
         with LocalRayCluster(num_cpus=2, env=base) as cluster:
             ray_start = time.perf_counter() - started
-            ray_wall = launcher_sweep(work / "ray", "ray", {**base, **cluster.driver_env()})
+            ray_env = {**base, **cluster.driver_env()}
+            ray_wall = launcher_sweep(work / "ray", "ray", ray_env)
+            reuse_wall = launcher_sweep(work / "ray_reuse", "ray", ray_env, "hydra.launcher.ray.remote.max_calls=0")
             started = time.perf_counter()
         ray_stop = time.perf_counter() - started
 
@@ -166,7 +169,9 @@ def compare_launchers() -> None:
     print(f"joblib launcher (hydra/launcher=parallel, n_jobs=2)  {joblib_wall:8.1f} s")
     print(f"ray launcher (hydra/launcher=ray, 2 CPUs, 1 per job) {ray_wall:8.1f} s   "
           f"(+ {ray_start:.1f} s cluster start, {ray_stop:.1f} s stop, not counted)")  # fmt: skip
+    print(f"ray, workers reused (max_calls=0)                     {reuse_wall:8.1f} s")
     print(f"ray / joblib                                         {ray_wall / joblib_wall:8.2f}x")
+    print(f"ray with reused workers / joblib                     {reuse_wall / joblib_wall:8.2f}x")
 
 
 if __name__ == "__main__":
