@@ -119,9 +119,6 @@ def _as_postgres_user() -> dict:
     return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": groups}
 
 
-# ---------------------------------------------------------------------------------------- PostgreSQL
-
-
 def distinct_free_ports(count: int) -> list[int]:
     """`count` free ports on 127.0.0.1, all different: each socket stays bound until all are
     chosen (closing one before binding the next may hand the same port out twice)."""
@@ -171,6 +168,9 @@ def wait_until(process: subprocess.Popen, ready, name: str, what: str, timeout: 
         if time.monotonic() > deadline:
             raise TimeoutError(f"{name}: not {what} within {timeout:.0f} s:\n{log_tail()}")
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------------------- PostgreSQL
 
 
 class LocalPostgres:
@@ -351,7 +351,7 @@ class LocalRayCluster:
         # short: Ray's unix sockets live under it (108 characters at most)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         # every port chosen at once (so no two coincide), the workers' band outside all of them
-        ports = distinct_free_ports(10)
+        ports = distinct_free_ports(9)
         self.port = ports[0]
         low, high = worker_port_band(set(ports))
         env = {
