@@ -71,11 +71,7 @@ def main() -> None:
             *(f"{group}={options}" for group, options in SWEPT.items()),
             "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=sweep-bench",
         ]  # fmt: skip
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        if done.returncode != 0:
-            sys.exit(done.stderr[-3000:])
+        wall = timed_run(command, work, env, "sweep")
 
         client = MlflowClient(f"sqlite:///{work}/store/mlflow.db")
         experiment = client.get_experiment_by_name("sweep-bench")
@@ -102,6 +98,16 @@ def main() -> None:
           f"{naive - ideal:.1f} s)")  # fmt: skip
 
 
+def timed_run(command: list[str], cwd: Path, env: dict[str, str], what: str) -> float:
+    """Wall time of `command`; exits with its stderr's tail if it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"{what} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall
+
+
 # the 8 jobs of the launcher comparison: 2 x 2 x 2 on the tiny model
 LAUNCHER_SWEEP = ["clustering=ward,kmeans", "segmentation=equal_count,jenks", "layer=0,2"]
 SMALL = ["experiment=smoke", "neurons=range", "neurons.stop=32", "extraction.pseudo_neurons=16",
@@ -116,11 +122,7 @@ def launcher_sweep(work: Path, launcher: str, env: dict[str, str], *overrides: s
         f"hydra/launcher={launcher}", *overrides, f"hydra.sweep.dir={work / 'multirun'}",
         "tracking.tracking_uri=sqlite:///store/mlflow.db", "tracking.experiment=launcher-bench",
     ]  # fmt: skip
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.exit(f"{launcher} sweep failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    wall = timed_run(command, work, env, f"{launcher} sweep")
     client = MlflowClient(f"sqlite:///{work}/store/mlflow.db")
     experiment = client.get_experiment_by_name("launcher-bench")
     runs = client.search_runs([experiment.experiment_id], "tags.`mlflow.parentRunId` != ''")
