@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-slow bench lint
+.PHONY: setup run test test-slow bench lint lock
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check intraneuron tests benchmarks
+
+# Regenerate requirements.lock from pyproject.toml's ranges (on purpose; commit it with a green run).
+lock:
+	@bash scripts/lock.sh

