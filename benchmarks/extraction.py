@@ -1,33 +1,63 @@
-"""Extraction engine vs plain transformers forward passes on SmolLM2-135M, measured in one run.
+"""Extraction engine vs a plain forward pass, on the configuration the main job runs.
 
-Prints:
-  1. tokens/s of the engine vs a plain forward pass over the same tokens truncated at the same layer
-     (target: engine >= 0.9x);
-  2. the early-exit saving: the engine on layer 0 vs a full forward pass (all 30 layers + LM head);
-  3. peak RSS of an extraction over 1x and 4x as many tokens (target: flat);
-  4. the cache-hit speed-up (second identical extraction, read from the cache).
+The main job (`make run`: analysis=two_fold on SmolLM2-135M) extracts every statistic the two-fold
+analysis reads: top-k, per-type and per-half (fold) tables, moments, histograms, the layer input
+per type (hook_resid_mid) and the pseudo-neurons with those statistics, skipping window position 0.
+This script measures exactly that (`--stats five` measures the older five-statistic set instead).
 
-Usage: python benchmarks/extraction.py [--layer 3] [--tokens 32768] [--batch-size 16]
+Each side runs in a fresh process (so its peak RSS is its own), sides alternate `--rounds` times and
+the ratio is the median of the paired rounds:
+  engine / plain : tokens/s and CPU-time ratio against a plain forward of the same batches
+                   truncated after the same layer (no hooks, no statistics); > 1 is faster;
+  peak RSS       : per side, model included.
+
+`--scale` builds a random-weight GPT-2 XL-shaped model (vocab 50,257, d_model 1,600, d_mlp 6,400,
+2 layers) and extracts both layers over a prefix of the default corpus under a memory budget,
+printing the plan (table memory per layer, passes) and the peak RSS.
+
+`--all-layers` extracts all 30 SmolLM2 layers over `--tokens` tokens under `--memory-gb` (planned
+passes) with a profile cache, printing the plan and the peak RSS.
+
+Usage: python benchmarks/extraction.py [--layers 0 15] [--tokens 32768] [--rounds 2]
+       python benchmarks/extraction.py --scale [--tokens 65536] [--memory-gb 8]
+       python benchmarks/extraction.py --all-layers [--tokens 1500000] [--memory-gb 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_model_and_windows, prefix, timer  # noqa: E402
+from _common import default_model_and_windows, prefix  # noqa: E402
 
-from intraneuron.extraction import ExtractionConfig, extract_profiles  # noqa: E402
-from intraneuron.extraction.cache import ProfileCache  # noqa: E402
+from intraneuron.extraction import STAT_NAMES, ExtractionConfig, extract_profiles  # noqa: E402
+
+FIVE_STATS = ("topk", "token_types", "moments", "histogram", "input_token_types")
+
+
+def main_job_settings(**overrides) -> ExtractionConfig:
+    """conf/extraction/default.yaml, as the main job composes it."""
+    fields = {f.name for f in dataclasses.fields(ExtractionConfig)}
+    settings = dict(input_site="hook_resid_mid", skip_first_positions=1, pseudo_neurons=256, progress=False)
+    settings.update({k: v for k, v in overrides.items() if v is not None and k in fields})
+    return ExtractionConfig(**settings)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def batches(windows, batch_size):
@@ -35,84 +65,142 @@ def batches(windows, batch_size):
         yield torch.from_numpy(np.asarray(windows.ids[start : start + batch_size], dtype=np.int64))
 
 
-def plain_forward(model, windows, batch_size, keep_layers: int | None):
-    """A plain forward of the base model; keep_layers truncates its layer list (no hooks, no reducers)."""
-    base = model.model
-    all_layers = base.layers
-    if keep_layers is not None:
-        base.layers = all_layers[:keep_layers]
+def plain_forward(model, windows, batch_size: int, keep_layers: int) -> None:
+    """The base model's forward with its layer list cut after `keep_layers` layers: no hooks, no stats."""
+    base = model.model if hasattr(model, "model") else model.transformer
+    name = "layers" if hasattr(base, "layers") else "h"
+    all_layers = getattr(base, name)
+    setattr(base, name, all_layers[:keep_layers])
     try:
         with torch.inference_mode():
             for ids in batches(windows, batch_size):
-                (base if keep_layers is not None else model)(input_ids=ids, use_cache=False)
+                base(input_ids=ids, use_cache=False)
     finally:
-        base.layers = all_layers
+        setattr(base, name, all_layers)
 
 
-def rss_probe(n_tokens: int, layer: int, batch_size: int) -> None:
+def probe(args) -> None:
+    """One side in this process: prints its JSON line (seconds, CPU seconds, tokens, peak RSS)."""
+    torch.manual_seed(0)
     handle, windows = default_model_and_windows()
-    sub = prefix(windows, n_tokens)
-    settings = ExtractionConfig(batch_size=batch_size, progress=False)
-    extract_profiles(handle, sub, [layer], settings, cache=None)
-    print(json.dumps({"tokens": sub.n_tokens, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    sub = prefix(windows, args.tokens)
+    stats = FIVE_STATS if args.stats == "five" else STAT_NAMES
+    settings = main_job_settings(batch_size=args.batch_size, pseudo_neurons=args.pseudo_neurons)
+    warm = prefix(sub, 2 * sub.window_len * args.batch_size)
+    wall, cpu = time.perf_counter(), time.process_time()
+    if args.probe == "plain":
+        plain_forward(handle.model, warm, args.batch_size, args.layer + 1)
+        wall, cpu = time.perf_counter(), time.process_time()
+        plain_forward(handle.model, sub, args.batch_size, args.layer + 1)
+    else:
+        extract_profiles(handle, sub, [args.layer], settings, cache=None, stats=stats)
+    print(json.dumps({
+        "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
+        "tokens": sub.n_tokens, "peak_rss_mb": peak_rss_mb(),
+    }))
+
+
+def run_probe(side: str, layer: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--probe", side, "--layers", str(layer), "--tokens", str(args.tokens),
+           "--batch-size", str(args.batch_size), "--stats", args.stats]
+    if args.pseudo_neurons is not None:
+        cmd += ["--pseudo-neurons", str(args.pseudo_neurons)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def paired(args) -> None:
+    handle, windows = default_model_and_windows()
+    print(f"model smollm2-135m ({handle.n_layers} layers, d_mlp {handle.d_mlp}), {args.tokens} tokens, "
+          f"batch {args.batch_size} x {windows.window_len}, torch threads {torch.get_num_threads()}, "
+          f"stats: {'main job (' + ', '.join(STAT_NAMES) + ')' if args.stats == 'main' else ', '.join(FIVE_STATS)}, "
+          f"pseudo-neurons {args.pseudo_neurons or main_job_settings().pseudo_neurons}")
+    del handle
+    print("| layer | engine tok/s | plain tok/s | tok/s ratio | CPU-time ratio | engine peak RSS | plain peak RSS | RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for layer in args.layers:
+        rounds = []
+        for _ in range(args.rounds):
+            plain, engine = run_probe("plain", layer, args), run_probe("engine", layer, args)
+            rounds.append((plain, engine))
+        speed = statistics.median(p["seconds"] / e["seconds"] for p, e in rounds)
+        cpu = statistics.median(p["cpu_seconds"] / e["cpu_seconds"] for p, e in rounds)
+        e_rss = max(e["peak_rss_mb"] for _, e in rounds)
+        p_rss = max(p["peak_rss_mb"] for p, _ in rounds)
+        tokens = rounds[0][1]["tokens"]
+        e_tps = statistics.median(tokens / e["seconds"] for _, e in rounds)
+        p_tps = statistics.median(tokens / p["seconds"] for p, _ in rounds)
+        print(f"| {layer} | {e_tps:,.0f} | {p_tps:,.0f} | {speed:.2f}x | {cpu:.2f}x | {e_rss:,.0f} MB | "
+              f"{p_rss:,.0f} MB | {e_rss / p_rss:.2f}x |", flush=True)
+
+
+def planned(args, handle, windows, layers: list[int], label: str) -> None:
+    from intraneuron.extraction.cache import ProfileCache
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("intraneuron.extraction").setLevel(logging.INFO)
+    settings = main_job_settings(batch_size=args.batch_size, memory_gb=args.memory_gb,
+                                 pseudo_neurons=args.pseudo_neurons)
+    print(f"{label}: {windows.n_tokens} tokens, layers {layers[0]}..{layers[-1]}, memory budget "
+          f"{args.memory_gb} GB, peak RSS before the pass {peak_rss_mb():,.0f} MB", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        profiles = extract_profiles(handle, windows, layers, settings, ProfileCache(Path(tmp)), stats=STAT_NAMES)
+        seconds = time.perf_counter() - started
+        rss = peak_rss_mb()
+        n_types = int(profiles[layers[0]]["type_ids"].numel())
+    print(f"{label}: {seconds:,.0f} s ({windows.n_tokens / seconds:,.0f} tok/s), {n_types:,} token types, "
+          f"peak RSS {rss:,.0f} MB")
+
+
+def scale(args) -> None:
+    from intraneuron.corpus import build_windows, load_source, source_key
+    from intraneuron.models.loading import load_model
+    from intraneuron.models.tiny import tiny_gpt2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = tiny_gpt2(Path(tmp) / "gpt2-xl-shaped", n_layers=2, d_model=1600)
+        handle = load_model(str(directory))
+        print(f"GPT-2 XL-shaped random model: vocab {handle.vocab_size}, d_model {handle.d_model}, "
+              f"d_mlp {handle.d_mlp}, {handle.n_layers} layers", flush=True)
+        windows = build_windows(load_source("gutenberg"), handle.tokenizer, window_len=128,
+                                source_key=source_key("gutenberg"))
+        planned(args, handle, prefix(windows, args.tokens), [0, 1], "gpt2-xl-shaped")
+
+
+def all_layers(args) -> None:
+    handle, windows = default_model_and_windows()
+    planned(args, handle, prefix(windows, args.tokens), list(range(handle.n_layers)), "smollm2-135m, all layers")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layer", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--layers", type=int, nargs="+", default=[0, 15])
+    parser.add_argument("--tokens", type=int, default=None, help="default 32768 (paired), 65536 (--scale), "
+                        "the whole corpus (--all-layers)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rss-probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--stats", choices=("main", "five"), default="main")
+    parser.add_argument("--pseudo-neurons", type=int, default=None)
+    parser.add_argument("--memory-gb", type=float, default=8.0)
+    parser.add_argument("--scale", action="store_true")
+    parser.add_argument("--all-layers", action="store_true")
+    parser.add_argument("--probe", choices=("plain", "engine"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rss_probe:
-        return rss_probe(args.rss_probe, args.layer, args.batch_size)
-
-    torch.manual_seed(0)
-    handle, windows = default_model_and_windows()
-    sub = prefix(windows, args.tokens)
-    n = sub.n_tokens
-    settings = ExtractionConfig(batch_size=args.batch_size, progress=False)
-    print(f"model smollm2-135m ({handle.n_layers} layers, d_mlp {handle.d_mlp}), {n} tokens, "
-          f"windows of {sub.window_len}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
-
-    t: dict[str, float] = {}
-    plain_forward(handle.model, prefix(sub, 4 * sub.window_len * args.batch_size), args.batch_size, None)  # warm-up
-    with timer(t, "plain_truncated"):
-        plain_forward(handle.model, sub, args.batch_size, args.layer + 1)
-    with timer(t, "engine"):
-        extract_profiles(handle, sub, [args.layer], settings, cache=None)
-    with timer(t, "engine_layer0"):
-        extract_profiles(handle, sub, [0], settings, cache=None)
-    with timer(t, "plain_full"):
-        plain_forward(handle.model, sub, args.batch_size, None)
-
-    print(f"\n1. layer {args.layer}: engine {n / t['engine']:,.0f} tok/s vs plain forward truncated at "
-          f"layer {args.layer}: {n / t['plain_truncated']:,.0f} tok/s -> ratio "
-          f"{t['plain_truncated'] / t['engine']:.2f}x")
-    print(f"2. early exit: engine on layer 0 {n / t['engine_layer0']:,.0f} tok/s vs full forward "
-          f"({handle.n_layers} layers + LM head) {n / t['plain_full']:,.0f} tok/s -> layer 0 costs "
-          f"{t['engine_layer0'] / t['plain_full']:.3f} of a full pass ({t['plain_full'] / t['engine_layer0']:.1f}x faster)")
-
-    rss = []
-    for factor in (1, 4):
-        out = subprocess.run(
-            [sys.executable, __file__, "--rss-probe", str(factor * n), "--layer", str(args.layer),
-             "--batch-size", str(args.batch_size)],
-            capture_output=True, text=True, check=True,
-        )
-        rss.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"3. peak RSS: {rss[0]['peak_rss_mb']:,.0f} MB for {rss[0]['tokens']} tokens, "
-          f"{rss[1]['peak_rss_mb']:,.0f} MB for {rss[1]['tokens']} tokens -> ratio "
-          f"{rss[1]['peak_rss_mb'] / rss[0]['peak_rss_mb']:.2f}")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = ProfileCache(Path(tmp))
-        with timer(t, "cold"):
-            extract_profiles(handle, sub, [args.layer], settings, cache)
-        with timer(t, "hit"):
-            extract_profiles(handle, sub, [args.layer], settings, cache)
-    print(f"4. cache: cold {t['cold']:.2f} s (extract + write), hit {t['hit']:.2f} s -> "
-          f"{t['cold'] / t['hit']:.0f}x faster")
+    if args.probe:
+        args.layer = args.layers[0]
+        args.tokens = args.tokens or 32768
+        return probe(args)
+    if args.scale:
+        args.tokens = args.tokens or 65536
+        return scale(args)
+    if args.all_layers:
+        args.tokens = args.tokens or 10**9
+        return all_layers(args)
+    args.tokens = args.tokens or 32768
+    paired(args)
 
 
 if __name__ == "__main__":

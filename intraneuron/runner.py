@@ -88,13 +88,14 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
     cards, cards_seconds, layer_metrics = [], 0.0, {}
     for layer in rc.layers:
-        result = analysis.analyse_layer(job, layer, profiles[layer])
+        profile = profiles.pop(layer)  # held for this layer only (a many-layer job's profiles are large)
+        result = analysis.analyse_layer(job, layer, profile)
         summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
         layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()
             neurons = result.tables.get("neurons")
-            cards += build_cards(job, analysis, layer, profiles[layer], neurons, rc.report)
+            cards += build_cards(job, analysis, layer, profile, neurons, rc.report)
             cards_seconds += time.perf_counter() - started
     for name, figure in analysis.run_figures(layer_metrics).items():
         tracker.log_figure(figure, artifacts.run_figure_path(name))

@@ -12,7 +12,8 @@ from scipy import stats
 from intraneuron.errors import ConfigError
 from intraneuron.extraction import ExtractionConfig, extract_profiles
 from intraneuron.extraction.cache import ProfileCache
-from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
+from intraneuron.extraction.reducers import Histogram, Moments, TopK
+from intraneuron.extraction.type_tables import TokenTypeTable
 from tests.test_stats import feed
 
 SETTINGS = ExtractionConfig(top_k=7, batch_size=5, hist_min=-1.0, hist_max=1.0, hist_bins=16, progress=False)
@@ -238,6 +239,9 @@ def _independent_neuron_module(model, arch, layer):
         ({"batch_size": 0}, "extraction.batch_size"),
         ({"device": "gpu 0"}, "extraction.device"),
         ({"progress": 1}, "extraction.progress"),
+        ({"memory_gb": 0}, "extraction.memory_gb"),
+        ({"memory_gb": "8GB"}, "extraction.memory_gb"),
+        ({"pseudo_calibration_windows": 0}, "extraction.pseudo_calibration_windows"),
     ],
 )
 def test_validate_names_the_exact_key(change, key):

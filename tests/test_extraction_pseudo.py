@@ -20,9 +20,9 @@ from intraneuron.extraction.hooks import capture_sites
 from intraneuron.extraction.pseudo import Calibration, PseudoNeurons
 from intraneuron.models.weights import read_norm, weight_layout
 
-LAYER, N, SKIP, BATCH = 1, 24, 1, 16
+LAYER, N, SKIP, BATCH, CALIBRATION = 1, 24, 1, 16, 8
 SETTINGS = ExtractionConfig(top_k=5, batch_size=BATCH, progress=False, skip_first_positions=SKIP,
-                            pseudo_neurons=N, pseudo_seed=3)  # fmt: skip
+                            pseudo_neurons=N, pseudo_seed=3, pseudo_calibration_windows=CALIBRATION)  # fmt: skip
 SPEC = ("moments", "pseudo_neurons", "token_types", "topk")
 
 
@@ -50,14 +50,20 @@ def act_fn(handle):
     return F.silu
 
 
-def brute_force_pseudo(handle, windows, layer=LAYER, n=N, seed=3, skip=SKIP, batch=BATCH):
+def sample_windows(n_windows, count=CALIBRATION):
+    """The documented calibration sample: `count` windows evenly strided over the corpus."""
+    return sorted({round(i * (n_windows - 1) / (count - 1)) for i in range(count)})
+
+
+def brute_force_pseudo(handle, windows, layer=LAYER, n=N, seed=3, skip=SKIP):
     """[W, T - skip, n] pseudo activations by the documented formula, and the calibration."""
     x = capture(handle, windows, [f"blocks.{layer}.ln2.hook_normalized"])[f"blocks.{layer}.ln2.hook_normalized"]
     x = x[:, skip:].double()  # [W, T', M]
     r = pseudo_read_in(handle, layer, n, seed)
     pre = torch.einsum("wtm,jrm->wtrj", x, r.weights.double()) + r.bias.T.double()  # [W, T', r, n]
     real = torch.einsum("wtm,jrm->wtrj", x, r.source_weights.double()) + r.bias.T.double()
-    first, first_real = pre[:batch].reshape(-1, *pre.shape[2:]), real[:batch].reshape(-1, *pre.shape[2:])
+    sample = sample_windows(x.shape[0])
+    first, first_real = pre[sample].reshape(-1, *pre.shape[2:]), real[sample].reshape(-1, *pre.shape[2:])
     m, s = first.mean(0), first.std(0, correction=0)
     mr, sr = first_real.mean(0), first_real.std(0, correction=0)
     cal = (pre - m) / s * sr + mr
@@ -117,12 +123,13 @@ def test_identity_rotation_and_calibration_reproduce_the_source_neurons(handle, 
     assert np.abs(pseudo.numpy("hist_counts") - prof.numpy("hist_counts")[src]).sum() <= 2
 
 
-def test_calibrated_pre_activations_match_the_source_on_the_calibration_batch(handle, small_windows):
-    stat = PseudoNeurons.build(handle, LAYER, SPEC, SETTINGS)
+def test_calibrated_pre_activations_match_the_source_on_the_calibration_sample(handle, small_windows):
+    stat = PseudoNeurons.build(handle, LAYER, SPEC, SETTINGS, vocab_size=handle.vocab_size)
     x = capture(handle, small_windows, [f"blocks.{LAYER}.ln2.hook_normalized"])
-    first = x[f"blocks.{LAYER}.ln2.hook_normalized"][:BATCH, SKIP:].reshape(-1, handle.d_model)
-    stat.activations(first)  # fixes the calibration
-    pseudo_pre, real_pre = stat.pre_activations(first)
+    sample = sample_windows(small_windows.ids.shape[0])
+    first = x[f"blocks.{LAYER}.ln2.hook_normalized"][sample, SKIP:].reshape(-1, handle.d_model)
+    stat.calibrate(first)
+    pseudo_pre, real_pre = stat.pre_activations(first), stat.source_pre_activations(first)
     calibrated = stat.calibration.apply(pseudo_pre).double()
     np.testing.assert_allclose(calibrated.mean(0), real_pre.double().mean(0), atol=1e-4)
     np.testing.assert_allclose(calibrated.std(0, correction=0), real_pre.double().std(0, correction=0), rtol=1e-4)

@@ -18,8 +18,9 @@ from intraneuron.extraction import (
     profile_key_fields,
 )
 from intraneuron.extraction.cache import cache_key
-from intraneuron.extraction.reducers import Histogram, Moments, TokenTypeTable, TopK
+from intraneuron.extraction.reducers import Histogram, Moments, TopK
 from intraneuron.extraction.stats import PREFIXES, resolve_stats
+from intraneuron.extraction.type_tables import TokenTypeTable, TypesFromFolds
 
 N, D, M, V, K = 300, 6, 4, 11, 5
 EDGES = torch.linspace(-2, 4, 9)  # [B + 1], B = 8
@@ -31,7 +32,9 @@ CONFIG = ExtractionConfig(top_k=K, hist_min=-2.0, hist_max=4.0, hist_bins=8)
 def data():
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(N, D, generator=g) * 2 + 1  # [N, D]
-    acts[: EDGES.numel(), 0] = EDGES  # values exactly on the edges
+    acts[: EDGES.numel(), 0] = EDGES  # values exactly on the edges, and one float32 step either side
+    acts[: EDGES.numel(), 2] = torch.nextafter(EDGES, torch.tensor(-torch.inf))
+    acts[EDGES.numel() : 2 * EDGES.numel(), 2] = torch.nextafter(EDGES, torch.tensor(torch.inf))
     acts[:, 1] = acts[:, 1].abs()  # a column that is never negative
     resid = torch.randn(N, M, generator=g)  # [N, M]
     ids = torch.randint(0, V, (N,), generator=g)  # [N]
@@ -219,3 +222,36 @@ def test_cache_key_follows_the_spec(tiny_gpt2, small_windows):
     assert key(["topk"]) != key(["topk"], dataclasses.replace(CONFIG, top_k=K + 1))
     fields = profile_key_fields(tiny_gpt2, small_windows, 0, CONFIG, ["topk", "moments"])
     assert fields["stats"] == ["moments", "topk"]
+
+
+def test_type_table_keyed_by_the_types_that_occur_equals_the_dense_one(data):
+    acts, _, ids, _ = data
+    dense = TokenTypeTable(V, D)
+    keyed = TokenTypeTable(ids.unique(), D)  # the engine's sizing: only the types the pass will see
+    assert keyed.sum.shape == (ids.unique().numel(), D) and ids.unique().numel() < V
+    half = TokenTypeTable(ids.unique()[::2], D)  # a key set missing types: grows when they come
+    for sl in CHUNKS:
+        for table in (dense, keyed, half):
+            feed(table, acts[sl], ids[sl], None)
+    assert_states(keyed.state_dict(), dense.state_dict(), exact=True)
+    assert_states(half.state_dict(), dense.state_dict(), exact=True)
+    assert torch.equal(half.keys, ids.unique())
+    left, right = TokenTypeTable(ids[:137].unique(), D), TokenTypeTable(ids[137:].unique(), D)
+    feed(left, acts[:137], ids[:137], None).merge(feed(right, acts[137:], ids[137:], None))
+    assert_states(left.state_dict(), dense.state_dict())  # the union of two shards' key sets
+
+
+def test_type_table_derived_from_the_fold_table_equals_its_own_table(data):
+    acts, _, ids, _ = data
+    window = torch.arange(N) // 7  # 7 tokens per window: halves of the corpus by window parity
+    folds = TokenTypeTable((ids * 2 + window % 2).unique(), D)
+    types = TokenTypeTable(ids.unique(), D)
+    for sl in CHUNKS:
+        folds.add(acts[sl], ids[sl] * 2 + window[sl] % 2)
+        types.add(acts[sl], ids[sl])
+    derived = TypesFromFolds(folds).state_dict()
+    own = types.state_dict()
+    for key in ("type_ids", "type_count", "type_max"):  # exact: counts add, maxima take the max
+        assert torch.equal(derived[key], own[key]), key
+    assert_states(derived, own, rtol=1e-6)  # sums in a different order
+    assert_states(derived, reference("types", acts, ids), rtol=1e-4)

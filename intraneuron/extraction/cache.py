@@ -38,7 +38,7 @@ from intraneuron.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 2  # bump when a change to the engine changes the numbers it writes or the key
+ENGINE_VERSION = 3  # bump when a change to the engine changes the numbers it writes or the key
 
 
 TMP_PREFIX = ".tmp-"

@@ -15,7 +15,7 @@ from intraneuron.errors import ConfigError
 NEURON_SITES = ("mlp.hook_post", "mlp.hook_pre")
 INPUT_SITES = ("hook_resid_pre", "hook_resid_mid", None)
 # Fields that say how to run, not what to compute: they never enter a cache key.
-HOW_FIELDS = ("batch_size", "device", "progress")
+HOW_FIELDS = ("batch_size", "device", "progress", "memory_gb")
 # Fields that say which part of the corpus one job extracts: the whole profile's key never holds them
 # (a profile merged from shards is the one-worker profile); a shard's partial key adds them back.
 SHARD_FIELDS = ("corpus_shards", "corpus_shard")
@@ -37,9 +37,14 @@ class ExtractionConfig:
     # position 0 is BOS, the attention sink, whose activations say nothing about the token)
     pseudo_neurons: int = 256  # random read-in directions per layer (stat "pseudo_neurons"; 0 = none)
     pseudo_seed: int = 0
+    # windows, evenly strided across the corpus, whose tokens fix the pseudo-neurons' calibration
+    pseudo_calibration_windows: int = 64
     batch_size: int = 16
     device: str = "cpu"
     progress: bool = True
+    # Peak memory allowed for one extraction pass, in GB (None: the memory available when it starts);
+    # the layers are split into several passes when their tables would not fit (extraction/memory.py)
+    memory_gb: float | None = None
     # Split the corpus's windows into `corpus_shards` contiguous ranges and extract only range
     # `corpus_shard` (0-based); the job that finds every shard cached merges them (extraction/shards.py).
     corpus_shards: int = 1
@@ -72,10 +77,16 @@ class ExtractionConfig:
         _integer("skip_first_positions", self.skip_first_positions, 0)
         _integer("pseudo_neurons", self.pseudo_neurons, 0)
         _integer("pseudo_seed", self.pseudo_seed, 0)
+        _integer("pseudo_calibration_windows", self.pseudo_calibration_windows, 1)
         _integer("batch_size", self.batch_size, 1)
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
             raise ConfigError("extraction.device", self.device, 'a torch device such as "cpu" or "cuda:0"')
         _boolean("progress", self.progress)
+        if self.memory_gb is not None and (
+            isinstance(self.memory_gb, bool) or not isinstance(self.memory_gb, int | float)
+            or not math.isfinite(self.memory_gb) or self.memory_gb <= 0
+        ):
+            raise ConfigError("extraction.memory_gb", self.memory_gb, "a number of GB > 0, or null (the memory available)")
         _integer("corpus_shards", self.corpus_shards, 1)
         if isinstance(self.corpus_shard, bool) or not isinstance(self.corpus_shard, int) or not (
             0 <= self.corpus_shard < self.corpus_shards

@@ -2,7 +2,10 @@
 
 One forward pass per batch of windows serves every requested layer: hooks read each layer's MLP
 neurons (and the residual stream entering the layer), the stats of the spec fold them in, and the pass
-stops after the deepest requested layer. Layers already in the cache cost nothing. With
+stops after the deepest requested layer. Layers already in the cache cost nothing. Before the pass,
+the token types of the windows size the type tables (extraction/types.py) and a memory plan splits
+the layers into as many passes as the budget needs (extraction/memory.py); the pseudo-neurons are
+calibrated on a sample of windows strided over the whole corpus before the first batch. With
 `extraction.corpus_shards` > 1 a job extracts one contiguous range of windows, and the job that finds
 every range cached merges them into the profile one job would have written (extraction/shards.py).
 """
@@ -10,10 +13,11 @@ every range cached merges them into the profile one job would have written (extr
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -24,10 +28,19 @@ from intraneuron.errors import ConfigError
 from intraneuron.extraction.cache import ProfileCache, cache_key
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.hooks import capture_sites, run_until_captured
+from intraneuron.extraction.memory import (
+    GB,
+    PassPlan,
+    batch_bytes,
+    layer_footprint,
+    plan_passes,
+    table_device,
+)
 from intraneuron.extraction.profile import ActivationProfile
-from intraneuron.extraction.pseudo import PseudoNeurons, calibrate
+from intraneuron.extraction.pseudo import PseudoNeurons
 from intraneuron.extraction.shards import ShardPending, merge_profiles, shard_windows
 from intraneuron.extraction.stats import CombinedStat, resolve_stats, stat_key_fields
+from intraneuron.extraction.types import TypeKeys
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +117,45 @@ def extract_profiles(
                     log.info("layer %d: profile from cache %s (written by another job)", layer, cache.entry(keys[layer]))
                     profiles[layer] = hit
             missing = [l for l in missing if l not in profiles]
-            computed = _run_pass(handle, windows, missing, settings, spec, on_progress) if missing else {}
-            for layer, profile in computed.items():
-                if cache is not None:
-                    _save(cache, keys[layer], profile, fields[layer])
+            for layer, profile, several_passes in _run_planned(handle, windows, missing, settings, spec, on_progress):
+                if cache is not None and _save(cache, keys[layer], profile, fields[layer]) and several_passes:
+                    profile = CachedProfile(cache, keys[layer], profile.metadata())  # read back when used
                 profiles[layer] = profile
     if on_progress is not None:
         total = int(windows.ids.shape[0]) * (windows.window_len - settings.skip_first_positions)
         on_progress(total, total)
     return {l: profiles[l] for l in layers}
+
+
+class CachedProfile(ActivationProfile):
+    """A profile saved by this extraction whose tensors are read back from the cache when first
+    used: an extraction of many layers (several planned passes) returns them without holding them
+    all; a caller that drops each layer after use (runner.run) holds one at a time."""
+
+    def __init__(self, cache: ProfileCache, key: str, metadata: dict):
+        super().__init__(**metadata, tensors=_LoadOnUse(cache, key))
+
+
+class _LoadOnUse(Mapping):
+    def __init__(self, cache: ProfileCache, key: str):
+        self.cache, self.key, self.loaded = cache, key, None
+
+    def _tensors(self) -> dict:
+        if self.loaded is None:
+            profile = self.cache.load(self.key)
+            if profile is None:
+                raise RuntimeError(f"profile {self.cache.entry(self.key)} was removed from the cache during the job")
+            self.loaded = profile.tensors
+        return self.loaded
+
+    def __getitem__(self, name: str):
+        return self._tensors()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors())
+
+    def __len__(self) -> int:
+        return len(self._tensors())
 
 
 def _extract_shard(
@@ -137,8 +180,7 @@ def _extract_shard(
     with cache.locked(part_keys[l][shard] for l in layers):
         todo = [l for l in layers if cache.load(part_keys[l][shard]) is None]  # a corrupt one is redone
         window_range = shard_windows(n_windows, shard, shards)
-        computed = _run_pass(handle, windows, todo, settings, spec, on_progress, window_range) if todo else {}
-        for layer, partial in computed.items():
+        for layer, partial, _ in _run_planned(handle, windows, todo, settings, spec, on_progress, window_range):
             cache.save(part_keys[layer][shard], partial, part_fields[layer][shard])  # an OSError fails the job
             log.info("layer %d: shard %d of %d saved to %s", layer, shard, shards, cache.entry(part_keys[layer][shard]))
     keys = {l: cache_key(fields[l]) for l in layers}
@@ -165,17 +207,69 @@ def _extract_shard(
     return profiles
 
 
-def _save(cache: ProfileCache, key: str, profile: ActivationProfile, key_fields: dict) -> None:
-    """Save, but keep the computed profile when the disk refuses (full, read-only, gone)."""
+def _save(cache: ProfileCache, key: str, profile: ActivationProfile, key_fields: dict) -> bool:
+    """Save, but keep the computed profile when the disk refuses (full, read-only, gone): True if saved."""
     try:
         cache.save(key, profile, key_fields)
     except OSError as err:
         log.warning("cache %s: could not save layer %d (%s); the result is not cached", cache.root, profile.layer, err)
+        return False
+    return True
+
+
+def plan_extraction(
+    handle, windows, layers: list[int], settings: ExtractionConfig, spec, window_range: range | None = None
+) -> tuple[PassPlan, TypeKeys]:
+    """The memory plan of extracting `layers` over `window_range` (default: every window), and the
+    type keys that size its tables; raises ConfigError before any pass when one layer cannot fit."""
+    window_range = range(int(windows.ids.shape[0])) if window_range is None else window_range
+    keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions)
+    dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
+    per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
+    per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
+    model = sum(p.numel() * p.element_size() for p in handle.model.parameters())
+    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), model, settings.memory_gb)
+    return plan, keys
+
+
+def _run_planned(
+    handle, windows, layers, settings: ExtractionConfig, spec, on_progress: ProgressCallback | None = None,
+    window_range: range | None = None,
+) -> Iterator[tuple[int, ActivationProfile, bool]]:
+    """(layer, profile, whether the plan has several passes) for `layers`, from as many passes as
+    the memory plan needs, each pass's profiles yielded as soon as it ends (the caller saves them
+    before the next pass starts, and may then drop them)."""
+    if not layers:
+        return
+    plan, keys = plan_extraction(handle, windows, layers, settings, spec, window_range)
+    log.info("%s", plan.describe())
+    n = len(plan.passes)
+    for i, group in enumerate(plan.passes):
+        report = on_progress
+        if on_progress is not None and n > 1:  # one progress series over all passes
+            report = functools.partial(_pass_progress, on_progress, i, n)
+        if n > 1:
+            log.info("pass %d of %d: layers %s (about %.1f GB)", i + 1, n, group, plan.peak(group) / GB)
+        for layer, profile in _run_pass(handle, windows, group, settings, spec, report, window_range, keys).items():
+            yield layer, profile, n > 1
+
+
+def _pass_progress(on_progress: ProgressCallback, i: int, n: int, done: int, total: int) -> None:
+    """Pass i of n's progress as part of all n passes'."""
+    on_progress(i * total + done, n * total)
+
+
+def calibration_windows(n_windows: int, count: int) -> range | list[int]:
+    """`count` window indices evenly strided over [0, n_windows) (all of them when fewer): the
+    pseudo-neurons' calibration sample, one for the whole corpus whatever the shard or pass."""
+    if count >= n_windows:
+        return range(n_windows)
+    return sorted({int(i) for i in np.linspace(0, n_windows - 1, count).round()})
 
 
 def _run_pass(
     handle, windows, layers, settings: ExtractionConfig, spec, on_progress: ProgressCallback | None = None,
-    window_range: range | None = None,
+    window_range: range | None = None, keys: TypeKeys | None = None,
 ) -> dict[int, ActivationProfile]:
     """One forward pass over `window_range` (default: every window) -> a profile per layer.
 
@@ -188,13 +282,24 @@ def _run_pass(
     if skip >= T:
         raise ConfigError("extraction.skip_first_positions", skip, f"< window_len ({T})")
     d_mlp, d_model = handle.d_mlp, handle.d_model
+    ids = windows.ids  # [W, T] memmap
+    n_windows = ids.shape[0]
+    window_range = range(n_windows) if window_range is None else window_range
+    keys = keys if keys is not None else TypeKeys.of_windows(ids, window_range, skip)
+    table_bytes = layer_footprint(spec, settings, d_mlp=d_mlp, d_model=d_model, n_types=len(keys.types),
+                                  n_folds=len(keys.folds)).tables  # fmt: skip
+
+    tables = table_device(device, table_bytes * len(layers))
+    if tables != device:
+        log.info("type tables on %s: %.1f GB do not fit %s's free memory", tables, table_bytes * len(layers) / GB, device)
 
     def build(layer: int) -> CombinedStat:
-        pseudo = PseudoNeurons.build(handle, layer, spec, settings, device) if "pseudo_neurons" in spec else None
-        return CombinedStat.build(
-            spec, d_mlp=d_mlp, d_model=d_model, vocab_size=handle.vocab_size, config=settings, device=device,
-            pseudo=pseudo,
-        )
+        pseudo = (
+            PseudoNeurons.build(handle, layer, spec, settings, device, keys=keys, table_device=tables)
+            if "pseudo_neurons" in spec else None
+        )  # fmt: skip
+        return CombinedStat.build(spec, d_mlp=d_mlp, d_model=d_model, keys=keys, config=settings, device=device,
+                                  table_device=tables, pseudo=pseudo)  # fmt: skip
 
     reducers = {l: build(l) for l in layers}
     probe = reducers[layers[0]]
@@ -206,15 +311,11 @@ def _run_pass(
         {l: handle.site(f"blocks.{l}.ln2.hook_normalized") for l in layers} if probe.reads_mlp_input else {}
     )
 
-    ids = windows.ids  # [W, T] memmap
-    n_windows = ids.shape[0]
-    window_range = range(n_windows) if window_range is None else window_range
     bs = settings.batch_size
     batches = [  # [start, stop) on the global grid of bs windows, clipped to the range
         range(max(g, window_range.start), min(g + bs, window_range.stop))
         for g in range(window_range.start - window_range.start % bs, window_range.stop, bs)
     ]
-    first_batch = range(0, min(bs, n_windows))  # where pseudo-neurons calibrate, in every shard
     kept_per_window = T - skip
     pos_in_window = torch.arange(skip, T, device=device)  # [T - skip]
     tokens_total, tokens_done = len(window_range) * kept_per_window, 0
@@ -225,21 +326,24 @@ def _run_pass(
     sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
     last_report = time.monotonic()
 
-    def forward(rows: range) -> torch.Tensor:
-        batch = torch.from_numpy(np.asarray(ids[rows.start : rows.stop], dtype=np.int64))
+    def forward(rows) -> torch.Tensor:
+        batch = torch.from_numpy(np.asarray(ids[rows], dtype=np.int64))
         batch = batch.to(device)  # [B, T]
         run_until_captured(handle.model, batch, captured)
         return batch
 
     with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
-        if mlp_in_sites and (not batches or batches[0] != first_batch):
-            forward(first_batch)  # this range does not start with the corpus's first batch
+        if mlp_in_sites:  # the pseudo-neurons' calibration sample: windows strided over the corpus
+            sample = calibration_windows(n_windows, settings.pseudo_calibration_windows)
+            mlp_in = {l: [] for l in layers}
+            for start in range(0, len(sample), bs):
+                forward(list(sample[start : start + bs]))
+                for layer in layers:
+                    mlp_in[layer].append(captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model))
             for layer in layers:
-                mlp_in = captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model)  # [N0, d_model]
-                pseudo = reducers[layer].stats["pseudo_neurons"]
-                pseudo.calibration = calibrate(*pseudo.pre_activations(mlp_in))
+                reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(mlp_in.pop(layer)))  # [N_cal, M]
         for rows in batches:
-            batch = forward(rows)  # [B, T]
+            batch = forward(slice(rows.start, rows.stop))  # [B, T]
             token_ids = batch[:, skip:].reshape(-1)  # [N = B * (T - skip)]
             window_idx = torch.arange(rows.start, rows.stop, device=device)  # [B] global
             positions = (window_idx[:, None] * T + pos_in_window[None, :]).reshape(-1)  # [N]

@@ -10,12 +10,15 @@ geometry alone.
 In the space the MLP reads (x = output of the pre-MLP norm, the input of its first projection):
 
     pre'_j   = x . (Q w_{i_j}) + b_{i_j}                           (gated: gate and up separately)
-    pre''_j  = (pre'_j - m'_j) / s'_j * s_{i_j} + m_{i_j}          calibration, fixed on the first batch
+    pre''_j  = (pre'_j - m'_j) / s'_j * s_{i_j} + m_{i_j}          calibration, fixed on a sample
     act_j    = act(pre''_j)            (gated: act(gate''_j) * up''_j; site mlp.hook_pre: pre''_j)
 
-m', s' (m, s) are the mean and population sd over the first batch's kept tokens of the pseudo
-(source neuron's real) pre-activation: a random direction can hit the residual stream's outlier
-dimensions, and calibration keeps each pseudo-neuron in its source neuron's operating range.
+m', s' (m, s) are the mean and population sd of the pseudo (source neuron's real) pre-activation
+over the kept tokens of a calibration sample: `extraction.pseudo_calibration_windows` windows
+evenly strided across the whole corpus (not its first batch, which is one book's opening), the same
+for every corpus shard and every pass. A random direction can hit the residual stream's outlier
+dimensions, and calibration keeps each pseudo-neuron in its source neuron's operating range. The
+source neurons' real pre-activations are computed on the sample only, never during the pass.
 Neurons are drawn without replacement when n <= d_mlp, and Q (Haar, by QR of a Gaussian) from
 numpy's generator seeded with (pseudo_seed, layer).
 """
@@ -170,33 +173,44 @@ class PseudoNeurons(Stat):
         self.source_neurons, self.rotation_seed = source_neurons, rotation_seed
 
     @classmethod
-    def build(cls, handle, layer: int, spec, config, device: torch.device | str = "cpu") -> PseudoNeurons:
-        """For the engine: the spec's neuron stats over `config.pseudo_neurons` columns."""
+    def build(
+        cls, handle, layer: int, spec, config, device: torch.device | str = "cpu", keys=None,
+        vocab_size: int | None = None, table_device: torch.device | str | None = None,
+    ) -> PseudoNeurons:
+        """For the engine: the spec's neuron stats over `config.pseudo_neurons` columns (type tables
+        keyed by `keys`, the pass's TypeKeys, and kept on `table_device`)."""
         from intraneuron.extraction.stats import NEURON_STATS, CombinedStat
 
         read_in = pseudo_read_in(handle, layer, config.pseudo_neurons, config.pseudo_seed)
         inner = CombinedStat.build(
             [s for s in spec if s in NEURON_STATS], d_mlp=read_in.n, d_model=handle.d_model,
-            vocab_size=handle.vocab_size, config=config, device=device,
+            keys=keys, vocab_size=vocab_size or handle.vocab_size, config=config, device=device,
+            table_device=table_device,
         )
         output = "pre" if config.site == "mlp.hook_pre" else "post"
         return cls(read_in, activation_function(handle, layer), inner, output=output, device=device)
 
-    def pre_activations(self, mlp_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pseudo, real source) pre-activations [N, r, n] of mlp_in [N, M], uncalibrated."""
-        x = mlp_in.float()
-        pseudo = torch.einsum("nm,jrm->nrj", x, self.w) + self.b
-        real = torch.einsum("nm,jrm->nrj", x, self.w_real) + self.b
-        return pseudo, real
+    def pre_activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """Pseudo pre-activations [N, r, n] of mlp_in [N, M], uncalibrated."""
+        return torch.einsum("nm,jrm->nrj", mlp_in.float(), self.w) + self.b
+
+    def source_pre_activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
+        """The source neurons' real pre-activations [N, r, n]: needed only to calibrate."""
+        return torch.einsum("nm,jrm->nrj", mlp_in.float(), self.w_real) + self.b
+
+    def calibrate(self, mlp_in: torch.Tensor) -> None:
+        """Fix the calibration on mlp_in [N, M], the calibration sample's kept tokens."""
+        if self.read_in is None:
+            raise ValueError("a PseudoNeurons rebuilt from a state dict has no weights: it cannot calibrate")
+        self.calibration = calibrate(self.pre_activations(mlp_in), self.source_pre_activations(mlp_in))
 
     def activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
-        """Pseudo activations [N, n]; the first call fixes the calibration."""
+        """Pseudo activations [N, n]; without a calibration yet, this batch fixes it."""
         if self.read_in is None:
             raise ValueError("a PseudoNeurons rebuilt from a state dict has no weights: it can merge, not add")
-        pseudo, real = self.pre_activations(mlp_in)
         if self.calibration is None:
-            self.calibration = calibrate(pseudo, real)
-        pre = self.calibration.apply(pseudo)  # [N, r, n]
+            self.calibrate(mlp_in)
+        pre = self.calibration.apply(self.pre_activations(mlp_in))  # [N, r, n]
         if self.output == "pre":
             return pre[:, 0]
         acts = self.activation(pre[:, 0])

@@ -4,7 +4,8 @@ A spec is a set of names from STAT_NAMES. Each name owns a tensor prefix in the 
 union of the stats' `state_dict`s never has two stats writing one key:
 
     topk               topk_values, topk_positions [D, K]  (+ topk_token_ids, added by the engine)
-    token_types        type_ids, type_count [T], type_mean, type_max [T, D]
+    token_types        type_ids, type_count [T], type_mean, type_max [T, D] (derived from the fold
+                       table when fold_token_types is in the spec too: one table is filled, not two)
     moments            act_count, act_mean, act_var, act_skew, act_kurt, act_min, act_max,
                        act_frac_positive [D]
     histogram          hist_edges [B + 1], hist_counts [D, B + 2]
@@ -27,7 +28,9 @@ import torch
 
 from intraneuron.errors import ConfigError
 from intraneuron.extraction.config import ExtractionConfig
-from intraneuron.extraction.reducers import Histogram, Moments, Stat, State, TokenTypeTable, TopK
+from intraneuron.extraction.reducers import Histogram, Moments, Stat, State, TopK
+from intraneuron.extraction.type_tables import TokenTypeTable, TypesFromFolds
+from intraneuron.extraction.types import TypeKeys
 
 STAT_NAMES = (
     "topk", "token_types", "moments", "histogram", "input_token_types", "fold_token_types", "pseudo_neurons",
@@ -52,7 +55,7 @@ FIELDS_OF = {
     "fold_token_types": ("track_type_max",),
     "histogram": ("hist_min", "hist_max", "hist_bins"),
     "input_token_types": ("input_site",),
-    "pseudo_neurons": ("pseudo_neurons", "pseudo_seed"),
+    "pseudo_neurons": ("pseudo_neurons", "pseudo_seed", "pseudo_calibration_windows"),
 }
 
 
@@ -113,29 +116,42 @@ class CombinedStat:
 
     @classmethod
     def build(
-        cls, spec: Iterable[str], *, d_mlp: int, d_model: int, vocab_size: int,
-        config: ExtractionConfig, device: torch.device | str = "cpu", pseudo: Stat | None = None,
+        cls, spec: Iterable[str], *, d_mlp: int, d_model: int, config: ExtractionConfig,
+        keys: TypeKeys | None = None, vocab_size: int | None = None, device: torch.device | str = "cpu",
+        table_device: torch.device | str | None = None, pseudo: Stat | None = None,
     ) -> CombinedStat:
-        """`pseudo` (a PseudoNeurons, built from the model's weights) is required when the spec has
-        "pseudo_neurons"; everything else is built here."""
+        """`keys`: the token types (and fold keys) the pass will see, which size the type tables;
+        without them the tables are keyed densely by 0..vocab_size-1 (and grow on unseen ids).
+        `pseudo` (a PseudoNeurons, built from the model's weights) is required when the spec has
+        "pseudo_neurons"; everything else is built here. With both "token_types" and
+        "fold_token_types", the per-type table is derived from the fold table (TypesFromFolds).
+        `table_device` (default `device`) holds the type tables; the other stats live on `device`."""
         spec = resolve_stats(spec, config)
         if "pseudo_neurons" in spec and pseudo is None:
             raise ValueError("the stat 'pseudo_neurons' needs the model: pass pseudo=PseudoNeurons(...)")
+        if keys is None:
+            if vocab_size is None:
+                raise ValueError("CombinedStat.build needs keys= (the pass's token types) or vocab_size=")
+            keys = TypeKeys.dense(vocab_size)
+        tables = device if table_device is None else table_device
+        stats: dict[str, Stat] = {}
         makers = {
             "topk": lambda: TopK(config.top_k, d_mlp, device),
-            "token_types": lambda: TokenTypeTable(vocab_size, d_mlp, device, track_max=config.track_type_max),
+            "fold_token_types": lambda: TokenTypeTable(keys.folds, d_mlp, tables, track_max=config.track_type_max),
+            "token_types": lambda: (
+                TypesFromFolds(stats["fold_token_types"]) if "fold_token_types" in stats
+                else TokenTypeTable(keys.types, d_mlp, tables, track_max=config.track_type_max)
+            ),
             "moments": lambda: Moments(d_mlp, device),
             "histogram": lambda: Histogram(
                 torch.linspace(config.hist_min, config.hist_max, config.hist_bins + 1), d_mlp, device
             ),
-            "input_token_types": lambda: TokenTypeTable(vocab_size, d_model, device, track_max=False),
-            # key token_id * 2 + window % 2: [2V] rows
-            "fold_token_types": lambda: TokenTypeTable(
-                2 * vocab_size, d_mlp, device, track_max=config.track_type_max
-            ),
+            "input_token_types": lambda: TokenTypeTable(keys.types, d_model, tables, track_max=False),
             "pseudo_neurons": lambda: pseudo,
         }
-        return cls({name: makers[name]() for name in spec})
+        for name in sorted(spec, key=lambda n: n != "fold_token_types"):  # the fold table first
+            stats[name] = makers[name]()
+        return cls(stats)
 
     @property
     def spec(self) -> tuple[str, ...]:
@@ -198,12 +214,14 @@ class CombinedStat:
         """Rebuild from `state_dict()` (or a profile's tensors); spec defaults to what is there."""
         if spec is None:
             spec = [n for n in STAT_NAMES if _has(state, n)]
-        stats = {}
-        for name in spec:
+        stats: dict[str, Stat] = {}
+        for name in sorted(spec, key=lambda n: n != "fold_token_types"):  # the fold table first
             if name == "pseudo_neurons":
                 from intraneuron.extraction.pseudo import PseudoNeurons
 
                 stats[name] = PseudoNeurons.load_state_dict(state, PREFIXES[name])
+            elif name == "token_types" and "fold_token_types" in stats:
+                stats[name] = TypesFromFolds(stats["fold_token_types"])
             else:
                 stats[name] = _CLASSES[name].load_state_dict(state, PREFIXES[name])
         return cls(stats)

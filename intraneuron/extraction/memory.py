@@ -1,0 +1,136 @@
+"""The memory plan of an extraction: estimate the peak before the pass, split the layers into passes.
+
+A pass over several layers holds every layer's tables at once, so its peak grows with the number of
+layers; a pass per layer re-runs the forward pass. The plan puts as many layers in a pass as fit the
+budget (`extraction.memory_gb`, or the memory available when the extraction starts), in layer order
+so each pass stops early at its own deepest layer, and refuses in one line, before any forward pass,
+when a single layer does not fit. On a GPU the type tables stay on it when they fit its free memory,
+else on the host (`table_device`). Estimates count the float64 sums, float32 maxima, the profile
+exported at the end of the pass (its float32 tensors, and the derived per-type table), and the
+batch's captured activations; the model's own weights are counted once.
+
+Shapes: D = d_mlp, n = pseudo-neurons, M = d_model, U = token types in the pass, F = (type, half)
+keys, K = top-k, B = histogram bins + 2, N = tokens in a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from intraneuron.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GB = 2**30
+AVAILABLE_SHARE = 0.8  # of the memory available at the start: the rest is left to the system and to
+# the allocator's slack (freed tensors are not always returned at once)
+
+
+@dataclass(frozen=True)
+class LayerFootprint:
+    """Bytes one layer needs during a pass."""
+
+    tables: int  # the streaming statistics (type tables, top-k, histograms, moments)
+    export: int  # the profile built from them at the end of the pass (held until it is saved)
+
+    @property
+    def total(self) -> int:
+        return self.tables + self.export
+
+
+def layer_footprint(spec, settings, *, d_mlp: int, d_model: int, n_types: int, n_folds: int) -> LayerFootprint:
+    """The estimate for one layer of `spec` (extraction/stats.py names) with these dimensions."""
+    columns = [d_mlp] + ([settings.pseudo_neurons] if "pseudo_neurons" in spec else [])
+    max_bytes = 4 if settings.track_type_max else 0
+    tables = export = 0
+    for c in columns:
+        if "topk" in spec:
+            tables += settings.top_k * c * 12  # float32 values + int64 positions
+            export += settings.top_k * c * 20  # values, positions, token ids
+        if "histogram" in spec:
+            tables += c * (settings.hist_bins + 2) * 8
+            export += c * (settings.hist_bins + 2) * 8
+        if "moments" in spec:
+            tables += c * 8 * 7
+        if "fold_token_types" in spec:
+            tables += n_folds * (c * (8 + max_bytes) + 16)
+            export += n_folds * c * (4 + max_bytes)
+        if "token_types" in spec:
+            per_type = n_types * (c * (8 + max_bytes) + 16)  # a table of its own, or the derived one
+            tables += per_type if "fold_token_types" not in spec else 0
+            export += n_types * c * (4 + max_bytes) + (per_type if "fold_token_types" in spec else 0)
+    if "input_token_types" in spec:
+        tables += n_types * (d_model * 8 + 16)
+        export += n_types * d_model * 4
+    return LayerFootprint(tables, export)
+
+
+def batch_bytes(spec, settings, *, d_mlp: int, d_model: int, tokens_per_batch: int) -> int:
+    """Per layer: the captured sites and the per-batch working copies of the statistics."""
+    n = tokens_per_batch
+    sites = n * (d_mlp + 2 * d_model) * 4  # neurons, layer input, MLP input
+    work = n * d_mlp * (4 * 3 + 8)  # float32 copies (top-k, buffers, histogram position) + int64 bins
+    if "pseudo_neurons" in spec:
+        work += n * settings.pseudo_neurons * 4 * 6  # pre-activations (gate, up), calibrated, activations
+    return sites + work
+
+
+def available_bytes() -> int:
+    """What this process may still grow by, and what it holds already (the model): the budget when
+    `extraction.memory_gb` is not set."""
+    rss = psutil.Process().memory_info().rss
+    return int(psutil.virtual_memory().available * AVAILABLE_SHARE) + rss
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    passes: list[list[int]]  # layers of each pass, in order
+    per_layer: dict[int, int]  # bytes per layer (tables, export, batch)
+    fixed: int  # model weights
+    budget: int
+
+    def peak(self, layers: list[int]) -> int:
+        return self.fixed + sum(self.per_layer[l] for l in layers)
+
+    def describe(self) -> str:
+        layer_gb = max(self.per_layer.values()) / GB
+        passes = "; ".join(
+            f"layers {p[0]}" + (f"-{p[-1]}" if len(p) > 1 else "") + f" ({self.peak(p) / GB:.1f} GB)"
+            for p in self.passes
+        )
+        return (f"memory plan: model {self.fixed / GB:.2f} GB + up to {layer_gb:.2f} GB per layer, budget "
+                f"{self.budget / GB:.1f} GB -> {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''}: {passes}")  # fmt: skip
+
+
+def plan_passes(layers: list[int], per_layer: dict[int, int], fixed: int, memory_gb: float | None) -> PassPlan:
+    """Greedy in layer order: a layer joins the current pass while the pass's peak fits the budget.
+    Raises ConfigError (extraction.memory_gb) when one layer alone does not fit."""
+    budget = int(memory_gb * GB) if memory_gb is not None else available_bytes()
+    passes: list[list[int]] = []
+    for layer in sorted(layers):
+        need = fixed + per_layer[layer]
+        if need > budget:
+            allowed = (f"at least {need / GB:.1f} GB: layer {layer} alone needs {per_layer[layer] / GB:.2f} GB "
+                       f"beside the model's {fixed / GB:.2f} GB")  # fmt: skip
+            if memory_gb is None:
+                allowed += f" and this machine has {budget / GB:.1f} GB available; fewer pseudo-neurons or a smaller corpus"
+            raise ConfigError("extraction.memory_gb", memory_gb, allowed)
+        if passes and fixed + sum(per_layer[l] for l in passes[-1]) + per_layer[layer] <= budget:
+            passes[-1].append(layer)
+        else:
+            passes.append([layer])
+    return PassPlan(passes, per_layer, fixed, budget)
+
+
+def table_device(device: torch.device, table_bytes: int) -> torch.device:
+    """Where a pass keeps its type tables: on the model's accelerator when they fit in its free
+    memory (batches are reduced there and never leave it), else on the host, which then receives
+    each batch's small per-type buffers [U_b, D] rather than the activations."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if table_bytes <= free * AVAILABLE_SHARE else torch.device("cpu")

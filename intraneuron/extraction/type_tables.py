@@ -1,0 +1,157 @@
+"""Tables keyed by token type (or by token type and corpus half): streaming, mergeable, sized by
+the keys that occur rather than by the vocabulary (the Stat protocol of extraction/reducers.py).
+
+Shapes: N = tokens in a batch, D = columns (neurons, or model width), R = rows (keys) of a table,
+U_b = distinct keys in a batch, T = token types seen, F = fold keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intraneuron.extraction.reducers import Stat, State
+
+
+class TokenTypeTable(Stat):
+    """Per key (a token type, or a token type and a corpus half): occurrence count, activation sum
+    (float64) and max, for every column.
+
+    Rows are keyed by a sorted set of keys, not by the vocabulary: the engine passes the keys that
+    occur in its windows (known before the pass, extraction/types.py), so a table is sized by the
+    corpus (21k of SmolLM2's 49k types on the default corpus), and an int builds the dense 0..n-1
+    key set. A key outside the set grows the table; a merge takes the union of the two key sets.
+
+    A batch is first reduced to its unique keys in a float32 buffer [U_b, D] (one index_add and one
+    scatter max over the batch), then added to the float64 rows of those keys. Error bound: a key
+    seen n_b times in a batch has its batch sum rounded to float32 with error at most
+    (n_b - 1) * 2^-24 * sum|x| (recursive summation), i.e. relative to the sum of magnitudes about
+    1e-7 per batch for the few hundred repeats a batch of 2k tokens holds; across batches the sum is
+    float64. The exported mean is float32 anyway (relative rounding 6e-8), so the table is as exact
+    as what it exports to within a few units in the last place.
+    """
+
+    prefix = "type"
+
+    def __init__(
+        self, keys: int | torch.Tensor, width: int, device: torch.device | str = "cpu", track_max: bool = True
+    ):
+        self.keys = (torch.arange(keys) if isinstance(keys, int) else torch.unique(keys.long())).to(device)  # [R]
+        rows = self.keys.numel()
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)  # [R]
+        self.sum = torch.zeros(rows, width, dtype=torch.float64, device=device)  # [R, D]
+        self.max = torch.full((rows, width), -torch.inf, device=device) if track_max else None  # [R, D]
+
+    def add(self, acts: torch.Tensor, keys: torch.Tensor) -> None:
+        """acts [N, D]; keys [N] (token ids, or the fold keys token_id * 2 + window % 2)."""
+        unique, inverse = torch.unique(keys, return_inverse=True)  # [U_b], [N]
+        x = acts.float()
+        batch_sum = torch.zeros(unique.numel(), x.shape[1], device=x.device).index_add_(0, inverse, x)  # [U_b, D]
+        batch_count = torch.bincount(inverse, minlength=unique.numel())  # [U_b]
+        rows = self.rows(unique.to(self.keys.device))  # [U_b] distinct
+        self.count.index_add_(0, rows, batch_count.to(self.count.device))
+        self.sum.index_add_(0, rows, batch_sum.to(self.sum.device, torch.float64))
+        if self.max is not None:
+            batch_max = torch.full_like(batch_sum, -torch.inf).scatter_reduce_(
+                0, inverse[:, None].expand_as(x), x, reduce="amax", include_self=True
+            )  # [U_b, D]
+            self.max[rows] = torch.maximum(self.max[rows], batch_max.to(self.max.device))
+
+    def rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """The rows of `keys` [n] (any order), growing the table by the keys it does not hold."""
+        if self.keys.numel():
+            at = torch.searchsorted(self.keys, keys).clamp_max(self.keys.numel() - 1)
+            if bool((self.keys[at] == keys).all()):
+                return at
+        self._grow(keys)
+        return torch.searchsorted(self.keys, keys)
+
+    def merge(self, other: TokenTypeTable) -> None:
+        if (self.max is None) != (other.max is None):
+            raise ValueError("cannot merge a table that tracks the per-type max with one that does not")
+        rows = self.rows(other.keys.to(self.keys.device))
+        self.count.index_add_(0, rows, other.count.to(self.count.device))
+        self.sum.index_add_(0, rows, other.sum.to(self.sum.device))
+        if self.max is not None:
+            self.max[rows] = torch.maximum(self.max[rows], other.max.to(self.max.device))
+
+    def _grow(self, keys: torch.Tensor) -> None:
+        """Add rows for `keys` not held yet (the key set stays sorted)."""
+        union = torch.unique(torch.cat([self.keys, keys.to(self.keys.device)]))
+        if union.numel() == self.keys.numel():
+            return
+        old = torch.searchsorted(union, self.keys)  # where the held rows go
+        count = self.count.new_zeros(union.numel())
+        count[old] = self.count
+        total = self.sum.new_zeros(union.numel(), self.sum.shape[1])
+        total[old] = self.sum
+        if self.max is not None:
+            peak = self.max.new_full((union.numel(), self.max.shape[1]), -torch.inf)
+            peak[old] = self.max
+            self.max = peak
+        self.keys, self.count, self.sum = union, count, total
+
+    def state_dict(self, prefix: str | None = None) -> State:
+        """Observed keys only: `{p}_ids` [T], `{p}_count` [T], `{p}_mean` [T, D], `{p}_max` [T, D]."""
+        p = prefix or self.prefix
+        seen = self.count.nonzero().squeeze(1)
+        count = self.count[seen]
+        out = {
+            f"{p}_ids": self.keys[seen],
+            f"{p}_count": count,
+            f"{p}_mean": (self.sum[seen] / count[:, None]).float(),
+        }
+        if self.max is not None:
+            out[f"{p}_max"] = self.max[seen]
+        return out
+
+    @classmethod
+    def load_state_dict(
+        cls, state: State, prefix: str | None = None, vocab_size: int | None = None
+    ) -> TokenTypeTable:
+        """Rebuild, keyed by the saved ids (or densely by 0..vocab_size-1 when it is given)."""
+        p = prefix or cls.prefix
+        ids, count, mean = state[f"{p}_ids"].long(), state[f"{p}_count"].long(), state[f"{p}_mean"]
+        stat = cls(vocab_size if vocab_size is not None else ids, mean.shape[1], mean.device,
+                   track_max=f"{p}_max" in state)  # fmt: skip
+        rows = stat.rows(ids)
+        stat.count[rows] = count
+        stat.sum[rows] = mean.double() * count[:, None]
+        if stat.max is not None:
+            stat.max[rows] = state[f"{p}_max"].float()
+        return stat
+
+
+class TypesFromFolds(Stat):
+    """The per-type table derived from the per-half (fold) table, whose keys are token_id * 2 + half:
+    a type's count and sum are its two halves' sums and its max their max, so one table is kept and
+    filled, not two. `add` and `merge` do nothing: the fold table they derive from is fed and merged
+    (CombinedStat routes the batches to it)."""
+
+    prefix = "type"
+
+    def __init__(self, folds: TokenTypeTable):
+        self.folds = folds
+
+    def add(self, *args: torch.Tensor) -> None:
+        pass  # the fold table took this batch
+
+    def merge(self, other: TypesFromFolds) -> None:
+        pass  # the fold tables merge
+
+    def table(self) -> TokenTypeTable:
+        """The per-type table, built now from the fold table's current state."""
+        folds = self.folds
+        types, row = torch.unique(folds.keys // 2, return_inverse=True)  # [T], [F]
+        table = TokenTypeTable(types, folds.sum.shape[1], folds.sum.device, track_max=folds.max is not None)
+        table.count.index_add_(0, row, folds.count)
+        table.sum.index_add_(0, row, folds.sum)
+        if table.max is not None:
+            table.max.scatter_reduce_(0, row[:, None].expand_as(folds.max), folds.max, reduce="amax")
+        return table
+
+    def state_dict(self, prefix: str | None = None) -> State:
+        return self.table().state_dict(prefix or self.prefix)
+
+    @classmethod
+    def load_state_dict(cls, state: State, prefix: str | None = None) -> TypesFromFolds:
+        raise TypeError("TypesFromFolds is rebuilt from its fold table (CombinedStat.load_state_dict)")
