@@ -255,3 +255,20 @@ def test_type_table_derived_from_the_fold_table_equals_its_own_table(data):
         assert torch.equal(derived[key], own[key]), key
     assert_states(derived, own, rtol=1e-6)  # sums in a different order
     assert_states(derived, reference("types", acts, ids), rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_topk_of_many_batches_equals_a_full_sort_by_value_then_position(tied):
+    """Later batches take the candidates-only path (few values above the running K-th)."""
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(3000, D, generator=g)
+    if tied:  # heavy ties: equal values keep the smallest positions
+        acts = (acts * 3).round()
+    positions = torch.arange(3000)
+    stat = TopK(K, D)
+    for start in range(0, 3000, 100):
+        stat.add(acts[start : start + 100], positions[start : start + 100])
+    by_position = torch.arange(3000)[:, None].expand_as(acts)
+    order = torch.sort(acts, dim=0, descending=True, stable=True).indices[:K]  # ties: smaller position first
+    assert torch.equal(stat.values, acts.gather(0, order))
+    assert torch.equal(stat.positions, by_position.gather(0, order))

@@ -326,24 +326,27 @@ def _run_pass(
     sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
     last_report = time.monotonic()
 
-    def forward(rows) -> torch.Tensor:
+    def forward(rows, captured: dict) -> torch.Tensor:
         batch = torch.from_numpy(np.asarray(ids[rows], dtype=np.int64))
         batch = batch.to(device)  # [B, T]
         run_until_captured(handle.model, batch, captured)
         return batch
 
-    with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
+    with torch.inference_mode():
         if mlp_in_sites:  # the pseudo-neurons' calibration sample: windows strided over the corpus
             sample = calibration_windows(n_windows, settings.pseudo_calibration_windows)
             mlp_in = {l: [] for l in layers}
-            for start in range(0, len(sample), bs):
-                forward(list(sample[start : start + bs]))
-                for layer in layers:
-                    mlp_in[layer].append(captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model))
+            # a forward that stops at the deepest layer's MLP input: the sample needs nothing more
+            with capture_sites(handle.module, list(mlp_in_sites.values())) as captured:
+                for start in range(0, len(sample), bs):
+                    forward(list(sample[start : start + bs]), captured)
+                    for layer in layers:
+                        mlp_in[layer].append(captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model))
             for layer in layers:
                 reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(mlp_in.pop(layer)))  # [N_cal, M]
+    with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
         for rows in batches:
-            batch = forward(slice(rows.start, rows.stop))  # [B, T]
+            batch = forward(slice(rows.start, rows.stop), captured)  # [B, T]
             token_ids = batch[:, skip:].reshape(-1)  # [N = B * (T - skip)]
             window_idx = torch.arange(rows.start, rows.stop, device=device)  # [B] global
             positions = (window_idx[:, None] * T + pos_in_window[None, :]).reshape(-1)  # [N]
