@@ -12,15 +12,14 @@ the ratio is the median of the paired rounds:
   peak RSS       : per side, model included.
 
 `--scale` builds a random-weight GPT-2 XL-shaped model (vocab 50,257, d_model 1,600, d_mlp 6,400,
-2 layers) and extracts both layers over a prefix of the default corpus under a memory budget,
-printing the plan (table memory per layer, passes) and the peak RSS.
-
-`--all-layers` extracts all 30 SmolLM2 layers over `--tokens` tokens under `--memory-gb` (planned
-passes) with a profile cache, printing the plan and the peak RSS.
+2 layers); `--all-layers` takes all 30 SmolLM2 layers. Both print the memory plan of the whole
+default corpus under `--memory-gb` (memory per layer, passes, estimated peak), then extract over
+`--tokens` tokens with a profile cache and print the plan there, its estimated peak and the
+measured peak RSS (the check of the estimate).
 
 Usage: python benchmarks/extraction.py [--layers 0 15] [--tokens 32768] [--rounds 2]
        python benchmarks/extraction.py --scale [--tokens 65536] [--memory-gb 8]
-       python benchmarks/extraction.py --all-layers [--tokens 1500000] [--memory-gb 8]
+       python benchmarks/extraction.py --all-layers [--tokens 65536] [--memory-gb 8]
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import resource
 import statistics
 import subprocess
@@ -136,23 +134,31 @@ def paired(args) -> None:
               f"{p_rss:,.0f} MB | {e_rss / p_rss:.2f}x |", flush=True)
 
 
-def planned(args, handle, windows, layers: list[int], label: str) -> None:
+def planned(args, handle, windows, layers: list[int], label: str, whole=None) -> None:
+    """Extract `layers` over `windows` under the memory budget; print the plan, its estimated peak
+    and the measured peak RSS; with `whole` (the whole corpus), also the plan it would get."""
     from intraneuron.extraction.cache import ProfileCache
+    from intraneuron.extraction.engine import plan_extraction
+    from intraneuron.extraction.memory import GB
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("intraneuron.extraction").setLevel(logging.INFO)
     settings = main_job_settings(batch_size=args.batch_size, memory_gb=args.memory_gb,
-                                 pseudo_neurons=args.pseudo_neurons)
-    print(f"{label}: {windows.n_tokens} tokens, layers {layers[0]}..{layers[-1]}, memory budget "
-          f"{args.memory_gb} GB, peak RSS before the pass {peak_rss_mb():,.0f} MB", flush=True)
+                                 pseudo_neurons=args.pseudo_neurons)  # fmt: skip
+    spec = tuple(sorted(STAT_NAMES))
+    if whole is not None:
+        plan, keys = plan_extraction(handle, whole, layers, settings, spec)
+        print(f"{label}, whole corpus ({whole.n_tokens:,} tokens, {len(keys.types):,} token types, "
+              f"{len(keys.folds):,} (type, half) keys): {plan.describe()}", flush=True)
+    plan, keys = plan_extraction(handle, windows, layers, settings, spec)
+    print(f"{label}, {windows.n_tokens:,} tokens ({len(keys.types):,} token types): {plan.describe()}", flush=True)
+    before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        profiles = extract_profiles(handle, windows, layers, settings, ProfileCache(Path(tmp)), stats=STAT_NAMES)
+        extract_profiles(handle, windows, layers, settings, ProfileCache(Path(tmp)), stats=spec)
         seconds = time.perf_counter() - started
-        rss = peak_rss_mb()
-        n_types = int(profiles[layers[0]]["type_ids"].numel())
-    print(f"{label}: {seconds:,.0f} s ({windows.n_tokens / seconds:,.0f} tok/s), {n_types:,} token types, "
-          f"peak RSS {rss:,.0f} MB")
+    estimate = max(plan.peak(p) for p in plan.passes) / GB * 1024
+    print(f"{label}: {seconds:,.0f} s ({windows.n_tokens / seconds:,.0f} tok/s); peak RSS {peak_rss_mb():,.0f} MB "
+          f"(before the pass {before:,.0f} MB); the plan's estimated peak {estimate:,.0f} MB, budget "
+          f"{args.memory_gb:g} GB")
 
 
 def scale(args) -> None:
@@ -166,20 +172,21 @@ def scale(args) -> None:
         print(f"GPT-2 XL-shaped random model: vocab {handle.vocab_size}, d_model {handle.d_model}, "
               f"d_mlp {handle.d_mlp}, {handle.n_layers} layers", flush=True)
         windows = build_windows(load_source("gutenberg"), handle.tokenizer, window_len=128,
-                                source_key=source_key("gutenberg"))
-        planned(args, handle, prefix(windows, args.tokens), [0, 1], "gpt2-xl-shaped")
+                                source_key=source_key("gutenberg"))  # fmt: skip
+        planned(args, handle, prefix(windows, args.tokens), [0, 1], "gpt2-xl-shaped", whole=windows)
 
 
 def all_layers(args) -> None:
     handle, windows = default_model_and_windows()
-    planned(args, handle, prefix(windows, args.tokens), list(range(handle.n_layers)), "smollm2-135m, all layers")
+    planned(args, handle, prefix(windows, args.tokens), list(range(handle.n_layers)), "smollm2-135m, 30 layers",
+            whole=windows)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 15])
-    parser.add_argument("--tokens", type=int, default=None, help="default 32768 (paired), 65536 (--scale), "
-                        "the whole corpus (--all-layers)")  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=None, help="default 32768 (paired), 65536 (--scale, "
+                        "--all-layers); the plan for the whole corpus is printed too")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stats", choices=("main", "five"), default="main")
@@ -197,7 +204,7 @@ def main() -> None:
         args.tokens = args.tokens or 65536
         return scale(args)
     if args.all_layers:
-        args.tokens = args.tokens or 10**9
+        args.tokens = args.tokens or 65536
         return all_layers(args)
     args.tokens = args.tokens or 32768
     paired(args)

@@ -32,6 +32,7 @@ from intraneuron.extraction.memory import (
     GB,
     PassPlan,
     batch_bytes,
+    held_bytes,
     layer_footprint,
     plan_passes,
     table_device,
@@ -227,8 +228,7 @@ def plan_extraction(
     dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
     per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
     per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
-    model = sum(p.numel() * p.element_size() for p in handle.model.parameters())
-    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), model, settings.memory_gb)
+    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), held_bytes(), settings.memory_gb)
     return plan, keys
 
 
@@ -374,7 +374,7 @@ def _run_pass(
     flat_ids = np.asarray(ids).reshape(-1)
     profiles = {}
     for layer in layers:
-        tensors = {k: v.cpu() for k, v in reducers[layer].state_dict().items()}
+        tensors = {k: v.cpu() for k, v in reducers.pop(layer).state_dict().items()}  # its tables go
         for p in ("", "pseudo."):
             if f"{p}topk_positions" in tensors:
                 tensors[f"{p}topk_token_ids"] = torch.from_numpy(

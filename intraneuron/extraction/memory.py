@@ -6,8 +6,10 @@ budget (`extraction.memory_gb`, or the memory available when the extraction star
 so each pass stops early at its own deepest layer, and refuses in one line, before any forward pass,
 when a single layer does not fit. On a GPU the type tables stay on it when they fit its free memory,
 else on the host (`table_device`). Estimates count the float64 sums, float32 maxima, the profile
-exported at the end of the pass (its float32 tensors, and the derived per-type table), and the
-batch's captured activations; the model's own weights are counted once.
+exported at the end of the pass (its float32 means, and the per-type table derived from the
+per-half one), and the batch's captured activations; what the process already holds (the model, the corpus, the libraries:
+its resident memory) is counted once. On SmolLM2 and a GPT-2 XL-shaped model the estimate of the
+pass's own growth came out 5-10% above the measured growth of peak RSS (benchmarks/extraction.py).
 
 Shapes: D = d_mlp, n = pseudo-neurons, M = d_model, U = token types in the pass, F = (type, half)
 keys, K = top-k, B = histogram bins + 2, N = tokens in a batch.
@@ -15,15 +17,12 @@ keys, K = top-k, B = histogram bins + 2, N = tokens in a batch.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import psutil
 import torch
 
 from intraneuron.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 GB = 2**30
 AVAILABLE_SHARE = 0.8  # of the memory available at the start: the rest is left to the system and to
@@ -35,7 +34,7 @@ class LayerFootprint:
     """Bytes one layer needs during a pass."""
 
     tables: int  # the streaming statistics (type tables, top-k, histograms, moments)
-    export: int  # the profile built from them at the end of the pass (held until it is saved)
+    export: int  # what exporting the profile adds at the end of the pass (held until it is saved)
 
     @property
     def total(self) -> int:
@@ -56,13 +55,15 @@ def layer_footprint(spec, settings, *, d_mlp: int, d_model: int, n_types: int, n
             export += c * (settings.hist_bins + 2) * 8
         if "moments" in spec:
             tables += c * 8 * 7
-        if "fold_token_types" in spec:
-            tables += n_folds * (c * (8 + max_bytes) + 16)
-            export += n_folds * c * (4 + max_bytes)
+        if "fold_token_types" in spec:  # float64 sums, float32 maxima; exported: float32 means (the
+            tables += n_folds * (c * (8 + max_bytes) + 16)  # maxima are the table's own tensor)
+            export += n_folds * c * 4
         if "token_types" in spec:
-            per_type = n_types * (c * (8 + max_bytes) + 16)  # a table of its own, or the derived one
-            tables += per_type if "fold_token_types" not in spec else 0
-            export += n_types * c * (4 + max_bytes) + (per_type if "fold_token_types" in spec else 0)
+            if "fold_token_types" in spec:  # derived from the fold table at export, block by block
+                export += n_types * c * (4 + max_bytes)
+            else:
+                tables += n_types * (c * (8 + max_bytes) + 16)
+                export += n_types * c * 4
     if "input_token_types" in spec:
         tables += n_types * (d_model * 8 + 16)
         export += n_types * d_model * 4
@@ -79,18 +80,22 @@ def batch_bytes(spec, settings, *, d_mlp: int, d_model: int, tokens_per_batch: i
     return sites + work
 
 
+def held_bytes() -> int:
+    """What this process holds before the pass (the model, the corpus, the libraries): its RSS."""
+    return psutil.Process().memory_info().rss
+
+
 def available_bytes() -> int:
-    """What this process may still grow by, and what it holds already (the model): the budget when
+    """What this process may still grow by, and what it holds already: the budget when
     `extraction.memory_gb` is not set."""
-    rss = psutil.Process().memory_info().rss
-    return int(psutil.virtual_memory().available * AVAILABLE_SHARE) + rss
+    return int(psutil.virtual_memory().available * AVAILABLE_SHARE) + held_bytes()
 
 
 @dataclass(frozen=True)
 class PassPlan:
     passes: list[list[int]]  # layers of each pass, in order
     per_layer: dict[int, int]  # bytes per layer (tables, export, batch)
-    fixed: int  # model weights
+    fixed: int  # what the process holds before the pass (model, corpus, libraries)
     budget: int
 
     def peak(self, layers: list[int]) -> int:
@@ -102,7 +107,7 @@ class PassPlan:
             f"layers {p[0]}" + (f"-{p[-1]}" if len(p) > 1 else "") + f" ({self.peak(p) / GB:.1f} GB)"
             for p in self.passes
         )
-        return (f"memory plan: model {self.fixed / GB:.2f} GB + up to {layer_gb:.2f} GB per layer, budget "
+        return (f"memory plan: {self.fixed / GB:.2f} GB held + up to {layer_gb:.2f} GB per layer, budget "
                 f"{self.budget / GB:.1f} GB -> {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''}: {passes}")  # fmt: skip
 
 
@@ -115,7 +120,7 @@ def plan_passes(layers: list[int], per_layer: dict[int, int], fixed: int, memory
         need = fixed + per_layer[layer]
         if need > budget:
             allowed = (f"at least {need / GB:.1f} GB: layer {layer} alone needs {per_layer[layer] / GB:.2f} GB "
-                       f"beside the model's {fixed / GB:.2f} GB")  # fmt: skip
+                       f"beside the {fixed / GB:.2f} GB this process holds (model, corpus, libraries)")  # fmt: skip
             if memory_gb is None:
                 allowed += f" and this machine has {budget / GB:.1f} GB available; fewer pseudo-neurons or a smaller corpus"
             raise ConfigError("extraction.memory_gb", memory_gb, allowed)

@@ -11,6 +11,8 @@ import torch
 
 from intraneuron.extraction.reducers import Stat, State
 
+BLOCK_BYTES = 64 * 2**20  # the float64 temporaries of exporting or rebuilding a table, at most
+
 
 class TokenTypeTable(Stat):
     """Per key (a token type, or a token type and a corpus half): occurrence count, activation sum
@@ -91,17 +93,22 @@ class TokenTypeTable(Stat):
         self.keys, self.count, self.sum = union, count, total
 
     def state_dict(self, prefix: str | None = None) -> State:
-        """Observed keys only: `{p}_ids` [T], `{p}_count` [T], `{p}_mean` [T, D], `{p}_max` [T, D]."""
+        """Observed keys only: `{p}_ids` [T], `{p}_count` [T], `{p}_mean` [T, D], `{p}_max` [T, D].
+
+        Means are computed block by block (no float64 copy of the table), and when every row was
+        seen (the engine's tables: keys read off the windows) `{p}_max` is the table's own tensor,
+        as nn.Module.state_dict shares its parameters: clone it before adding more batches."""
         p = prefix or self.prefix
         seen = self.count.nonzero().squeeze(1)
-        count = self.count[seen]
-        out = {
-            f"{p}_ids": self.keys[seen],
-            f"{p}_count": count,
-            f"{p}_mean": (self.sum[seen] / count[:, None]).float(),
-        }
+        every = seen.numel() == self.count.numel()
+        count = self.count if every else self.count[seen]
+        mean = torch.empty(count.numel(), self.sum.shape[1], device=self.sum.device)  # [T, D] float32
+        for block in row_blocks(count.numel(), self.sum.shape[1]):
+            rows = block if every else seen[block]
+            mean[block] = (self.sum[rows] / count[block, None]).float()
+        out = {f"{p}_ids": self.keys if every else self.keys[seen], f"{p}_count": count, f"{p}_mean": mean}
         if self.max is not None:
-            out[f"{p}_max"] = self.max[seen]
+            out[f"{p}_max"] = self.max if every else self.max[seen]
         return out
 
     @classmethod
@@ -115,10 +122,18 @@ class TokenTypeTable(Stat):
                    track_max=f"{p}_max" in state)  # fmt: skip
         rows = stat.rows(ids)
         stat.count[rows] = count
-        stat.sum[rows] = mean.double() * count[:, None]
+        for block in row_blocks(ids.numel(), mean.shape[1]):
+            stat.sum[rows[block]] = mean[block].double() * count[block, None]
         if stat.max is not None:
             stat.max[rows] = state[f"{p}_max"].float()
         return stat
+
+
+def row_blocks(n_rows: int, width: int) -> list[slice]:
+    """Slices of at most BLOCK_BYTES of float64 rows of `width`: temporaries of table-wide
+    arithmetic stay that small instead of the table's size."""
+    step = max(1, BLOCK_BYTES // (8 * max(width, 1)))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 class TypesFromFolds(Stat):
@@ -138,19 +153,31 @@ class TypesFromFolds(Stat):
     def merge(self, other: TypesFromFolds) -> None:
         pass  # the fold tables merge
 
-    def table(self) -> TokenTypeTable:
-        """The per-type table, built now from the fold table's current state."""
-        folds = self.folds
-        types, row = torch.unique(folds.keys // 2, return_inverse=True)  # [T], [F]
-        table = TokenTypeTable(types, folds.sum.shape[1], folds.sum.device, track_max=folds.max is not None)
-        table.count.index_add_(0, row, folds.count)
-        table.sum.index_add_(0, row, folds.sum)
-        if table.max is not None:
-            table.max.scatter_reduce_(0, row[:, None].expand_as(folds.max), folds.max, reduce="amax")
-        return table
-
     def state_dict(self, prefix: str | None = None) -> State:
-        return self.table().state_dict(prefix or self.prefix)
+        """What a TokenTypeTable over token ids would export, computed from the fold table block
+        by block of columns (no float64 per-type table is ever whole)."""
+        p = prefix or self.prefix
+        folds = self.folds
+        types, row = torch.unique(folds.keys // 2, return_inverse=True)  # [T'], [F]
+        count = torch.zeros(types.numel(), dtype=torch.long, device=row.device).index_add_(0, row, folds.count)
+        seen = count.nonzero().squeeze(1)  # [T]
+        width = folds.sum.shape[1]
+        mean = torch.empty(seen.numel(), width, device=folds.sum.device)  # [T, D] float32
+        peak = torch.empty_like(mean) if folds.max is not None else None
+        step = max(1, BLOCK_BYTES // (8 * max(types.numel(), 1)))  # columns per block of float64 [T', step]
+        for start in range(0, width, step):
+            cols = slice(start, min(start + step, width))
+            block = torch.zeros(types.numel(), cols.stop - start, dtype=torch.float64, device=mean.device)
+            block.index_add_(0, row, folds.sum[:, cols])
+            mean[:, cols] = (block[seen] / count[seen, None]).float()
+            if peak is not None:
+                top = torch.full(block.shape, -torch.inf, device=mean.device)
+                top.scatter_reduce_(0, row[:, None].expand(-1, cols.stop - start), folds.max[:, cols], reduce="amax")
+                peak[:, cols] = top[seen]
+        out = {f"{p}_ids": types[seen], f"{p}_count": count[seen], f"{p}_mean": mean}
+        if peak is not None:
+            out[f"{p}_max"] = peak
+        return out
 
     @classmethod
     def load_state_dict(cls, state: State, prefix: str | None = None) -> TypesFromFolds:
