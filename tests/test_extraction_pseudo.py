@@ -252,3 +252,19 @@ def test_resid_mid_with_parallel_attention_is_the_block_input(tiny_model_dirs, s
                                   profiles["hook_resid_pre"].numpy("resid_mean"))  # fmt: skip
     with pytest.raises(ConfigError, match="extraction.input_site"):
         ExtractionConfig(input_site="resid_mid").validate()
+
+
+def test_the_calibration_sample_costs_no_forward_of_its_own(handle, small_windows):
+    """A one-worker pass visits the sample's windows first and counts them there: every window is
+    forwarded exactly once."""
+    windows_forwarded = []
+
+    def count(_module, args, kwargs):
+        windows_forwarded.append((args[0] if args else kwargs["hidden_states"]).shape[0])
+
+    hook = handle.module(handle.adapter.layer_path(0)).register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        extract_profiles(handle, small_windows, [LAYER], SETTINGS, cache=None, stats=SPEC)
+    finally:
+        hook.remove()
+    assert sum(windows_forwarded) == small_windows.ids.shape[0]

@@ -312,10 +312,18 @@ def _run_pass(
     )
 
     bs = settings.batch_size
-    batches = [  # [start, stop) on the global grid of bs windows, clipped to the range
-        range(max(g, window_range.start), min(g + bs, window_range.stop))
-        for g in range(window_range.start - window_range.start % bs, window_range.stop, bs)
-    ]
+    # The pseudo-neurons' calibration sample (windows strided over the whole corpus) is forwarded
+    # first, in the same chunks in every shard and pass (so every shard calibrates identically);
+    # its windows in this pass's range count there, their pseudo-neuron batches held until the
+    # calibration is fixed, so the sample costs no forward pass of its own in a one-worker pass.
+    sample = calibration_windows(n_windows, settings.pseudo_calibration_windows) if mlp_in_sites else []
+    sampled = set(sample)
+    batches = [list(sample[i : i + bs]) for i in range(0, len(sample), bs)]
+    batches += [  # the global grid of bs windows, clipped to the range, less the sample's windows
+        rows for g in range(window_range.start - window_range.start % bs, window_range.stop, bs)
+        if (rows := [w for w in range(max(g, window_range.start), min(g + bs, window_range.stop)) if w not in sampled])
+    ]  # fmt: skip
+    n_sample_batches = -(-len(sample) // bs)
     kept_per_window = T - skip
     pos_in_window = torch.arange(skip, T, device=device)  # [T - skip]
     tokens_total, tokens_done = len(window_range) * kept_per_window, 0
@@ -325,45 +333,39 @@ def _run_pass(
     )
     sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
     last_report = time.monotonic()
+    calibration_inputs = {l: [] for l in layers}  # [B * (T - skip), M] per sample batch
+    for layer in layers if sample else ():
+        reducers[layer].stats["pseudo_neurons"].defer_until_calibrated()
 
-    def forward(rows, captured: dict) -> torch.Tensor:
-        batch = torch.from_numpy(np.asarray(ids[rows], dtype=np.int64))
-        batch = batch.to(device)  # [B, T]
-        run_until_captured(handle.model, batch, captured)
-        return batch
+    def site(name: str, keep: torch.Tensor | None, width: int) -> torch.Tensor:
+        """The captured site's kept windows and positions, one row per token: [N, width]."""
+        value = captured[name] if keep is None else captured[name][keep]
+        return value[:, skip:].reshape(-1, width)
 
-    with torch.inference_mode():
-        if mlp_in_sites:  # the pseudo-neurons' calibration sample: windows strided over the corpus
-            sample = calibration_windows(n_windows, settings.pseudo_calibration_windows)
-            mlp_in = {l: [] for l in layers}
-            # a forward that stops at the deepest layer's MLP input: the sample needs nothing more
-            with capture_sites(handle.module, list(mlp_in_sites.values())) as captured:
-                for start in range(0, len(sample), bs):
-                    forward(list(sample[start : start + bs]), captured)
-                    for layer in layers:
-                        mlp_in[layer].append(captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model))
-            for layer in layers:
-                reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(mlp_in.pop(layer)))  # [N_cal, M]
     with torch.inference_mode(), capture_sites(handle.module, sites) as captured:
-        for rows in batches:
-            batch = forward(slice(rows.start, rows.stop), captured)  # [B, T]
-            token_ids = batch[:, skip:].reshape(-1)  # [N = B * (T - skip)]
-            window_idx = torch.arange(rows.start, rows.stop, device=device)  # [B] global
-            positions = (window_idx[:, None] * T + pos_in_window[None, :]).reshape(-1)  # [N]
-            token_windows = window_idx.repeat_interleave(T - skip)  # [N]
-            for layer in layers:
-                acts = (
-                    captured[neuron_sites[layer].name][:, skip:].reshape(-1, d_mlp) if neuron_sites else None
-                )  # [N, d_mlp]
-                resid = (
-                    captured[input_sites[layer].name][:, skip:].reshape(-1, d_model) if input_sites else None
-                )  # [N, d_model]
-                mlp_in = (
-                    captured[mlp_in_sites[layer].name][:, skip:].reshape(-1, d_model) if mlp_in_sites else None
-                )  # [N, d_model]
-                reducers[layer].add(acts, resid, token_ids, positions, token_windows, mlp_in)
-            bar.update(token_ids.numel())
-            tokens_done += token_ids.numel()
+        for i, rows in enumerate(batches):
+            batch = torch.from_numpy(np.asarray(ids[rows], dtype=np.int64)).to(device)  # [B, T]
+            run_until_captured(handle.model, batch, captured)
+            in_range = [j for j, w in enumerate(rows) if w in window_range]  # all but sample windows elsewhere
+            keep = None if len(in_range) == len(rows) else torch.tensor(in_range, dtype=torch.long, device=device)
+            if i < n_sample_batches:
+                for layer in layers:
+                    calibration_inputs[layer].append(site(mlp_in_sites[layer].name, None, d_model))
+            if in_range:
+                window_idx = torch.tensor(rows, device=device)[in_range]  # [B'] global
+                token_ids = batch[in_range][:, skip:].reshape(-1)  # [N = B' * (T - skip)]
+                positions = (window_idx[:, None] * T + pos_in_window[None, :]).reshape(-1)  # [N]
+                token_windows = window_idx.repeat_interleave(T - skip)  # [N]
+                for layer in layers:
+                    acts = site(neuron_sites[layer].name, keep, d_mlp) if neuron_sites else None  # [N, d_mlp]
+                    resid = site(input_sites[layer].name, keep, d_model) if input_sites else None  # [N, d_model]
+                    mlp_in = site(mlp_in_sites[layer].name, keep, d_model) if mlp_in_sites else None  # [N, d_model]
+                    reducers[layer].add(acts, resid, token_ids, positions, token_windows, mlp_in)
+                bar.update(token_ids.numel())
+                tokens_done += token_ids.numel()
+            if sample and i == n_sample_batches - 1:  # the whole sample seen: calibrate
+                for layer in layers:
+                    reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(calibration_inputs.pop(layer)))
             if on_progress is not None and tokens_done < tokens_total:
                 now = time.monotonic()
                 if now - last_report >= PROGRESS_CALLBACK_SECONDS:

@@ -165,6 +165,7 @@ class PseudoNeurons(Stat):
     ):
         self.read_in, self.activation, self.stats, self.output = read_in, activation, stats, output
         self.calibration = calibration
+        self.pending: list | None = None  # batches held until calibrated (defer_until_calibrated)
         if read_in is not None:
             self.w = read_in.weights.to(device)  # [n, r, M]
             self.b = read_in.bias.T.contiguous().to(device)  # [r, n]
@@ -198,11 +199,20 @@ class PseudoNeurons(Stat):
         """The source neurons' real pre-activations [N, r, n]: needed only to calibrate."""
         return torch.einsum("nm,jrm->nrj", mlp_in.float(), self.w_real) + self.b
 
+    def defer_until_calibrated(self) -> None:
+        """Hold the batches `add` gets until `calibrate` (the engine visits the calibration sample's
+        windows first, so the sample costs no forward pass of its own)."""
+        self.pending = []
+
     def calibrate(self, mlp_in: torch.Tensor) -> None:
-        """Fix the calibration on mlp_in [N, M], the calibration sample's kept tokens."""
+        """Fix the calibration on mlp_in [N, M], the calibration sample's kept tokens, then fold
+        in the batches held since `defer_until_calibrated`."""
         if self.read_in is None:
             raise ValueError("a PseudoNeurons rebuilt from a state dict has no weights: it cannot calibrate")
         self.calibration = calibrate(self.pre_activations(mlp_in), self.source_pre_activations(mlp_in))
+        held, self.pending = self.pending, None
+        for batch in held or ():
+            self.add(*batch)
 
     def activations(self, mlp_in: torch.Tensor) -> torch.Tensor:
         """Pseudo activations [N, n]; without a calibration yet, this batch fixes it."""
@@ -219,6 +229,9 @@ class PseudoNeurons(Stat):
     def add(self, mlp_in: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor,
             window_idx: torch.Tensor | None = None) -> None:  # fmt: skip
         """mlp_in [N, M]; token_ids, positions, window_idx [N]."""
+        if self.calibration is None and self.pending is not None:
+            self.pending.append((mlp_in, token_ids, positions, window_idx))
+            return
         self.stats.add(self.activations(mlp_in), None, token_ids, positions, window_idx)
 
     def merge(self, other: PseudoNeurons) -> None:
