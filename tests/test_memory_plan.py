@@ -11,7 +11,7 @@ import torch
 from intraneuron.errors import ConfigError
 from intraneuron.extraction import STAT_NAMES, ExtractionConfig, extract_profiles
 from intraneuron.extraction.cache import ProfileCache
-from intraneuron.extraction.engine import CachedProfile, plan_extraction
+from intraneuron.extraction.engine import CachedProfile, plan_extraction, weight_bytes_up_to
 from intraneuron.extraction.memory import GB, layer_footprint, plan_passes
 from intraneuron.extraction.stats import resolve_stats
 
@@ -27,6 +27,7 @@ def steady_process_size(monkeypatch):
     """The plan counts what the process holds (its RSS), which moves between two calls of a test:
     a fixed 1 GB keeps the budgets below exact."""
     monkeypatch.setattr("intraneuron.extraction.engine.held_bytes", lambda: GB)
+    monkeypatch.setattr("intraneuron.extraction.engine.weight_bytes_up_to", lambda handle, layer: 0)
 
 
 def budget_for(handle, windows, layers_per_pass: int) -> float:
@@ -132,3 +133,11 @@ def test_tables_keyed_by_the_corpus_keys_equal_tables_keyed_by_the_vocabulary(ti
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_the_plan_counts_the_weights_up_to_the_deepest_layer(tiny_gpt2):
+    every = sum(p.numel() * p.element_size() for p in tiny_gpt2.model.parameters())
+    sizes = [weight_bytes_up_to(tiny_gpt2, layer) for layer in range(tiny_gpt2.n_layers)]
+    assert sizes == sorted(set(sizes)) and sizes[-1] == every
+    block = sum(p.numel() * p.element_size() for p in tiny_gpt2.model.transformer.h[1].parameters())
+    assert sizes[1] - sizes[0] == block

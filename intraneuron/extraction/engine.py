@@ -228,8 +228,17 @@ def plan_extraction(
     dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
     per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
     per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
-    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), held_bytes(), settings.memory_gb)
+    # weights load memory-mapped and become resident as the pass reads them: count those it reads
+    held = held_bytes() + weight_bytes_up_to(handle, max(layers))
+    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), held, settings.memory_gb)
     return plan, keys
+
+
+def weight_bytes_up_to(handle, layer: int) -> int:
+    """Bytes of the weights a pass that stops after `layer` reads: every block up to it and what is
+    outside the blocks (embeddings, norms)."""
+    later = tuple(f"{handle.adapter.layer_path(l)}." for l in range(layer + 1, handle.n_layers))
+    return sum(p.numel() * p.element_size() for name, p in handle.model.named_parameters() if not name.startswith(later))
 
 
 def _run_planned(

@@ -7,9 +7,10 @@ so each pass stops early at its own deepest layer, and refuses in one line, befo
 when a single layer does not fit. On a GPU the type tables stay on it when they fit its free memory,
 else on the host (`table_device`). Estimates count the float64 sums, float32 maxima, the profile
 exported at the end of the pass (its float32 means, and the per-type table derived from the
-per-half one), and the batch's captured activations; what the process already holds (the model, the corpus, the libraries:
-its resident memory) is counted once. On SmolLM2 and a GPT-2 XL-shaped model the estimate of the
-pass's own growth came out 5-10% above the measured growth of peak RSS (benchmarks/extraction.py).
+per-half one), and the batch's captured activations; what the process already holds (the corpus, the libraries: its
+resident memory) is counted once, and the weights the pass reads on top of it (transformers maps
+them from disk: they become resident when read). The estimate is an upper bound (every layer's
+export counted as if at once): measured peak RSS against it in benchmarks/extraction.py.
 
 Shapes: D = d_mlp, n = pseudo-neurons, M = d_model, U = token types in the pass, F = (type, half)
 keys, K = top-k, B = histogram bins + 2, N = tokens in a batch.
