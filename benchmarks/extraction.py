@@ -138,8 +138,7 @@ def planned(args, handle, windows, layers: list[int], label: str, whole=None) ->
     """Extract `layers` over `windows` under the memory budget; print the plan, its estimated peak
     and the measured peak RSS; with `whole` (the whole corpus), also the plan it would get."""
     from intraneuron.extraction.cache import ProfileCache
-    from intraneuron.extraction.engine import plan_extraction
-    from intraneuron.extraction.memory import GB
+    from intraneuron.extraction.memory import GB, plan_extraction
 
     settings = main_job_settings(batch_size=args.batch_size, memory_gb=args.memory_gb,
                                  pseudo_neurons=args.pseudo_neurons)  # fmt: skip

@@ -10,9 +10,14 @@ import torch
 
 from intraneuron.errors import ConfigError
 from intraneuron.extraction import STAT_NAMES, ExtractionConfig, extract_profiles
-from intraneuron.extraction.cache import ProfileCache
-from intraneuron.extraction.engine import CachedProfile, plan_extraction, weight_bytes_up_to
-from intraneuron.extraction.memory import GB, layer_footprint, plan_passes
+from intraneuron.extraction.cache import CachedProfile, ProfileCache
+from intraneuron.extraction.memory import (
+    GB,
+    layer_footprint,
+    plan_extraction,
+    plan_passes,
+    weight_bytes_up_to,
+)
 from intraneuron.extraction.stats import resolve_stats
 
 LAYERS = [0, 1, 2]
@@ -26,8 +31,8 @@ SPEC = resolve_stats(STAT_NAMES, SETTINGS)
 def steady_process_size(monkeypatch):
     """The plan counts what the process holds (its RSS), which moves between two calls of a test:
     a fixed 1 GB keeps the budgets below exact."""
-    monkeypatch.setattr("intraneuron.extraction.engine.held_bytes", lambda: GB)
-    monkeypatch.setattr("intraneuron.extraction.engine.weight_bytes_up_to", lambda handle, layer: 0)
+    monkeypatch.setattr("intraneuron.extraction.memory.held_bytes", lambda: GB)
+    monkeypatch.setattr("intraneuron.extraction.memory.weight_bytes_up_to", lambda handle, layer: 0)
 
 
 def budget_for(handle, windows, layers_per_pass: int) -> float:

@@ -22,7 +22,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import version
 from pathlib import Path
 
@@ -237,3 +237,34 @@ class ProfileCache(TensorCache):
 
     def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
         return super().save(key, profile.tensors, profile.metadata(), key_fields)
+
+
+class CachedProfile(ActivationProfile):
+    """A profile saved by this extraction whose tensors are read back from the cache when first
+    used: an extraction of many layers (several planned passes) returns them without holding them
+    all; a caller that drops each layer after use (runner.run) holds one at a time."""
+
+    def __init__(self, cache: ProfileCache, key: str, metadata: dict):
+        super().__init__(**metadata, tensors=_LoadOnUse(cache, key))
+
+
+class _LoadOnUse(Mapping):
+    def __init__(self, cache: ProfileCache, key: str):
+        self.cache, self.key, self.loaded = cache, key, None
+
+    def _tensors(self) -> dict:
+        if self.loaded is None:
+            profile = self.cache.load(self.key)
+            if profile is None:
+                raise RuntimeError(f"profile {self.cache.entry(self.key)} was removed from the cache during the job")
+            self.loaded = profile.tensors
+        return self.loaded
+
+    def __getitem__(self, name: str):
+        return self._tensors()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors())
+
+    def __len__(self) -> int:
+        return len(self._tensors())

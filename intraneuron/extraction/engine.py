@@ -4,8 +4,8 @@ One forward pass per batch of windows serves every requested layer: hooks read e
 neurons (and the residual stream entering the layer), the stats of the spec fold them in, and the pass
 stops after the deepest requested layer. Layers already in the cache cost nothing. Before the pass,
 the token types of the windows size the type tables (extraction/types.py) and a memory plan splits
-the layers into as many passes as the budget needs (extraction/memory.py); the pseudo-neurons are
-calibrated on a sample of windows strided over the whole corpus before the first batch. With
+the layers into as many passes as the budget needs (extraction/memory.py); the pass opens with a
+sample of windows strided over the whole corpus, on which the pseudo-neurons are calibrated. With
 `extraction.corpus_shards` > 1 a job extracts one contiguous range of windows, and the job that finds
 every range cached merges them into the profile one job would have written (extraction/shards.py).
 """
@@ -17,7 +17,7 @@ import functools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -25,18 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from intraneuron.errors import ConfigError
-from intraneuron.extraction.cache import ProfileCache, cache_key
+from intraneuron.extraction.cache import CachedProfile, ProfileCache, cache_key
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.hooks import capture_sites, run_until_captured
-from intraneuron.extraction.memory import (
-    GB,
-    PassPlan,
-    batch_bytes,
-    held_bytes,
-    layer_footprint,
-    plan_passes,
-    table_device,
-)
+from intraneuron.extraction.memory import GB, layer_footprint, plan_extraction, table_device
 from intraneuron.extraction.profile import ActivationProfile
 from intraneuron.extraction.pseudo import PseudoNeurons
 from intraneuron.extraction.shards import ShardPending, merge_profiles, shard_windows
@@ -128,37 +120,6 @@ def extract_profiles(
     return {l: profiles[l] for l in layers}
 
 
-class CachedProfile(ActivationProfile):
-    """A profile saved by this extraction whose tensors are read back from the cache when first
-    used: an extraction of many layers (several planned passes) returns them without holding them
-    all; a caller that drops each layer after use (runner.run) holds one at a time."""
-
-    def __init__(self, cache: ProfileCache, key: str, metadata: dict):
-        super().__init__(**metadata, tensors=_LoadOnUse(cache, key))
-
-
-class _LoadOnUse(Mapping):
-    def __init__(self, cache: ProfileCache, key: str):
-        self.cache, self.key, self.loaded = cache, key, None
-
-    def _tensors(self) -> dict:
-        if self.loaded is None:
-            profile = self.cache.load(self.key)
-            if profile is None:
-                raise RuntimeError(f"profile {self.cache.entry(self.key)} was removed from the cache during the job")
-            self.loaded = profile.tensors
-        return self.loaded
-
-    def __getitem__(self, name: str):
-        return self._tensors()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors())
-
-    def __len__(self) -> int:
-        return len(self._tensors())
-
-
 def _extract_shard(
     handle, windows, layers, settings: ExtractionConfig, cache: ProfileCache | None, spec, fields: dict,
     on_progress: ProgressCallback | None,
@@ -216,29 +177,6 @@ def _save(cache: ProfileCache, key: str, profile: ActivationProfile, key_fields:
         log.warning("cache %s: could not save layer %d (%s); the result is not cached", cache.root, profile.layer, err)
         return False
     return True
-
-
-def plan_extraction(
-    handle, windows, layers: list[int], settings: ExtractionConfig, spec, window_range: range | None = None
-) -> tuple[PassPlan, TypeKeys]:
-    """The memory plan of extracting `layers` over `window_range` (default: every window), and the
-    type keys that size its tables; raises ConfigError before any pass when one layer cannot fit."""
-    window_range = range(int(windows.ids.shape[0])) if window_range is None else window_range
-    keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions)
-    dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
-    per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
-    per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
-    # weights load memory-mapped and become resident as the pass reads them: count those it reads
-    held = held_bytes() + weight_bytes_up_to(handle, max(layers))
-    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), held, settings.memory_gb)
-    return plan, keys
-
-
-def weight_bytes_up_to(handle, layer: int) -> int:
-    """Bytes of the weights a pass that stops after `layer` reads: every block up to it and what is
-    outside the blocks (embeddings, norms)."""
-    later = tuple(f"{handle.adapter.layer_path(l)}." for l in range(layer + 1, handle.n_layers))
-    return sum(p.numel() * p.element_size() for name, p in handle.model.named_parameters() if not name.startswith(later))
 
 
 def _run_planned(

@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from intraneuron.errors import ConfigError
+from intraneuron.extraction.types import TypeKeys
 
 GB = 2**30
 AVAILABLE_SHARE = 0.8  # of the memory available at the start: the rest is left to the system and to
@@ -140,3 +141,26 @@ def table_device(device: torch.device, table_bytes: int) -> torch.device:
         return device
     free, _ = torch.cuda.mem_get_info(device)
     return device if table_bytes <= free * AVAILABLE_SHARE else torch.device("cpu")
+
+
+def plan_extraction(
+    handle, windows, layers: list[int], settings, spec, window_range: range | None = None
+) -> tuple[PassPlan, TypeKeys]:
+    """The memory plan of extracting `layers` over `window_range` (default: every window), and the
+    type keys that size its tables; raises ConfigError before any pass when one layer cannot fit."""
+    window_range = range(int(windows.ids.shape[0])) if window_range is None else window_range
+    keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions)
+    dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
+    per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
+    per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
+    # weights load memory-mapped and become resident as the pass reads them: count those it reads
+    held = held_bytes() + weight_bytes_up_to(handle, max(layers))
+    plan = plan_passes(layers, dict.fromkeys(layers, per_layer), held, settings.memory_gb)
+    return plan, keys
+
+
+def weight_bytes_up_to(handle, layer: int) -> int:
+    """Bytes of the weights a pass that stops after `layer` reads: every block up to it and what is
+    outside the blocks (embeddings, norms)."""
+    later = tuple(f"{handle.adapter.layer_path(l)}." for l in range(layer + 1, handle.n_layers))
+    return sum(p.numel() * p.element_size() for name, p in handle.model.named_parameters() if not name.startswith(later))
