@@ -58,15 +58,22 @@ def test_unwritable_cache_warns_once_and_still_returns_the_profiles(
     assert "results will not be cached" in warnings[0]
 
 
-def test_a_failed_save_keeps_the_computed_profiles(tiny_gpt2, small_windows, uncached, tmp_path, monkeypatch, caplog):
-    def disk_full(*_args, **_kwargs):
-        raise OSError(28, "No space left on device")
+@pytest.mark.parametrize("how", ["OSError", "SafetensorError"])
+def test_a_failed_save_keeps_the_computed_profiles(tiny_gpt2, small_windows, uncached, tmp_path, monkeypatch,
+                                                   caplog, how):  # fmt: skip
+    from safetensors import SafetensorError
+
+    def disk_full(*_args, **_kwargs):  # safetensors says a full disk its own way (not an OSError)
+        if how == "OSError":
+            raise OSError(28, "No space left on device")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
 
     monkeypatch.setattr(cache_module, "save_file", disk_full)
     cache = ProfileCache(tmp_path)
     profiles = extract_profiles(tiny_gpt2, small_windows, [0], SETTINGS, cache)
     _assert_same(profiles, uncached)
-    assert "could not save" in caplog.text and str(cache.root) in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if "could not save" in r.getMessage()]
+    assert len(warnings) == 1 and str(cache.root) in warnings[0]
     assert list(cache.root.iterdir()) == []  # neither an entry nor a temporary folder left
 
 

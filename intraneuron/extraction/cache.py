@@ -31,6 +31,7 @@ try:
 except ImportError:  # not POSIX: no advisory locks, concurrent jobs may both extract (still safe)
     fcntl = None
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from intraneuron.extraction.profile import ActivationProfile
@@ -198,7 +199,10 @@ class TensorCache:
         tmp.mkdir()
         try:
             tensor_file = tmp / self.tensor_file
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tensor_file)
+            try:
+                save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tensor_file)
+            except SafetensorError as err:  # a full disk, said by safetensors: the cache's callers catch OSError
+                raise OSError(f"could not write {tensor_file}: {err}") from err
             manifest = {
                 "key": key,
                 "key_fields": key_fields,
