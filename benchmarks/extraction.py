@@ -9,7 +9,10 @@ Each side runs in a fresh process (so its peak RSS is its own), sides alternate 
 the ratio is the median of the paired rounds:
   engine / plain : tokens/s and CPU-time ratio against a plain forward of the same batches
                    truncated after the same layer (no hooks, no statistics); > 1 is faster;
-  peak RSS       : per side, model included.
+  peak RSS       : per side, model included;
+  TransformerLens: when transformer_lens (4.x) is installed, the engine is also paired with its
+                   TransformerBridge's `run_with_hooks` reading hook_post, stopped after the layer,
+                   with a light reduction (per-neuron sum and max): "TransformerLens-lite".
 
 `--scale` builds a random-weight GPT-2 XL-shaped model (vocab 50,257, d_model 1,600, d_mlp 6,400,
 2 layers); `--all-layers` takes all 30 SmolLM2 layers. Both print the memory plan of the whole
@@ -77,6 +80,33 @@ def plain_forward(model, windows, batch_size: int, keep_layers: int) -> None:
         setattr(base, name, all_layers)
 
 
+def lens_forward(bridge, windows, batch_size: int, layer: int, skip: int = 1) -> None:
+    """TransformerLens-lite: `run_with_hooks` reading `blocks.{layer}.mlp.hook_post`, stopped after
+    the layer, with a light reduction (per-neuron sum and max over the kept positions)."""
+    total = torch.zeros(bridge.cfg.d_mlp, dtype=torch.float64)
+    peak = torch.full((bridge.cfg.d_mlp,), -torch.inf)
+
+    def reduce(acts, hook):  # returns None: the activation is read, not replaced
+        kept = acts[:, skip:].reshape(-1, acts.shape[-1])
+        total.add_(kept.sum(0, dtype=torch.float64))
+        torch.maximum(peak, kept.amax(0), out=peak)
+
+    with torch.inference_mode():
+        for ids in batches(windows, batch_size):
+            bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", reduce)], stop_at_layer=layer + 1)
+
+
+def lens_bridge():
+    """The packaged SmolLM2 as a TransformerLens 4 bridge, booted from its de-quantised folder."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from intraneuron.models.loading import dequantised_dir
+    from intraneuron.models.packaged import smollm2_gguf
+
+    return TransformerBridge.boot_transformers(str(dequantised_dir(smollm2_gguf())), device="cpu",
+                                               dtype=torch.float32)  # fmt: skip
+
+
 def probe(args) -> None:
     """One side in this process: prints its JSON line (seconds, CPU seconds, tokens, peak RSS)."""
     torch.manual_seed(0)
@@ -90,6 +120,11 @@ def probe(args) -> None:
         plain_forward(handle.model, warm, args.batch_size, args.layer + 1)
         wall, cpu = time.perf_counter(), time.process_time()
         plain_forward(handle.model, sub, args.batch_size, args.layer + 1)
+    elif args.probe == "lens":
+        bridge = lens_bridge()
+        lens_forward(bridge, warm, args.batch_size, args.layer)
+        wall, cpu = time.perf_counter(), time.process_time()
+        lens_forward(bridge, sub, args.batch_size, args.layer)
     else:
         extract_profiles(handle, sub, [args.layer], settings, cache=None, stats=stats)
     print(json.dumps({
@@ -116,22 +151,35 @@ def paired(args) -> None:
           f"stats: {'main job (' + ', '.join(STAT_NAMES) + ')' if args.stats == 'main' else ', '.join(FIVE_STATS)}, "
           f"pseudo-neurons {args.pseudo_neurons or main_job_settings().pseudo_neurons}")
     del handle
-    print("| layer | engine tok/s | plain tok/s | tok/s ratio | CPU-time ratio | engine peak RSS | plain peak RSS | RSS ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    try:
+        import transformer_lens  # noqa: F401
+
+        sides = ("plain", "lens")
+    except ImportError:
+        print("TransformerLens: not installed in this environment, not compared")
+        sides = ("plain",)
+    print("| layer | against | engine tok/s | its tok/s | tok/s ratio | CPU-time ratio | engine peak RSS | its peak RSS | RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layer in args.layers:
-        rounds = []
+        rounds = {side: [] for side in sides}
         for _ in range(args.rounds):
-            plain, engine = run_probe("plain", layer, args), run_probe("engine", layer, args)
-            rounds.append((plain, engine))
-        speed = statistics.median(p["seconds"] / e["seconds"] for p, e in rounds)
-        cpu = statistics.median(p["cpu_seconds"] / e["cpu_seconds"] for p, e in rounds)
-        e_rss = max(e["peak_rss_mb"] for _, e in rounds)
-        p_rss = max(p["peak_rss_mb"] for p, _ in rounds)
-        tokens = rounds[0][1]["tokens"]
-        e_tps = statistics.median(tokens / e["seconds"] for _, e in rounds)
-        p_tps = statistics.median(tokens / p["seconds"] for p, _ in rounds)
-        print(f"| {layer} | {e_tps:,.0f} | {p_tps:,.0f} | {speed:.2f}x | {cpu:.2f}x | {e_rss:,.0f} MB | "
-              f"{p_rss:,.0f} MB | {e_rss / p_rss:.2f}x |", flush=True)
+            for side in sides:
+                rounds[side].append((run_probe(side, layer, args), run_probe("engine", layer, args)))
+        for side in sides:
+            _row(layer, "plain forward" if side == "plain" else "TransformerLens-lite", rounds[side])
+
+
+def _row(layer: int, label: str, rounds: list[tuple[dict, dict]]) -> None:
+    """One table row from (other side, engine) pairs of one layer."""
+    speed = statistics.median(p["seconds"] / e["seconds"] for p, e in rounds)
+    cpu = statistics.median(p["cpu_seconds"] / e["cpu_seconds"] for p, e in rounds)
+    e_rss = max(e["peak_rss_mb"] for _, e in rounds)
+    p_rss = max(p["peak_rss_mb"] for p, _ in rounds)
+    tokens = rounds[0][1]["tokens"]
+    e_tps = statistics.median(tokens / e["seconds"] for _, e in rounds)
+    p_tps = statistics.median(tokens / p["seconds"] for p, _ in rounds)
+    print(f"| {layer} | {label} | {e_tps:,.0f} | {p_tps:,.0f} | {speed:.2f}x | {cpu:.2f}x | {e_rss:,.0f} MB | "
+          f"{p_rss:,.0f} MB | {e_rss / p_rss:.2f}x |", flush=True)
 
 
 def planned(args, handle, windows, layers: list[int], label: str, whole=None) -> None:
@@ -193,7 +241,7 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=8.0)
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--all-layers", action="store_true")
-    parser.add_argument("--probe", choices=("plain", "engine"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe", choices=("plain", "engine", "lens"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         args.layer = args.layers[0]
