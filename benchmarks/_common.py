@@ -7,6 +7,8 @@ import os
 import time
 from contextlib import contextmanager
 
+import numpy as np
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -27,6 +29,25 @@ def prefix(windows, n_tokens: int):
     """The first n_tokens of a TokenWindows, as a TokenWindows with its own content hash."""
     n = max(1, n_tokens // windows.window_len)
     return dataclasses.replace(windows, ids=windows.ids[:n], content_hash=f"{windows.content_hash}[:{n}]")
+
+
+def key_complete(windows, skip: int = 1):
+    """Windows holding every (token type, half) key of `windows` once (positions >= skip), and no
+    other: a type seen in even (odd) windows there sits in an even (odd) window here, position 0 is
+    the corpus's own first token. The type tables of a pass over it are the whole corpus's size
+    (they are sized by these keys) while the pass reads a few percent of the tokens, so the peak
+    memory of the whole corpus is measured at the cost of a prefix."""
+    from intraneuron.extraction.types import TypeKeys
+
+    keys = TypeKeys.of_windows(windows.ids, range(windows.n_windows), skip).folds.numpy()
+    width = windows.window_len - skip
+    by_half = [keys[keys % 2 == h] // 2 for h in (0, 1)]
+    n = max(-(-len(types) // width) for types in by_half)  # windows per half
+    ids = np.empty((2 * n, windows.window_len), dtype=windows.ids.dtype)
+    ids[:, :skip] = windows.ids[0, :skip]
+    for h, types in enumerate(by_half):  # padded by repeating the half's own types: no new key
+        ids[h::2, skip:] = np.resize(types, n * width).reshape(n, width)
+    return dataclasses.replace(windows, ids=ids, content_hash=f"{windows.content_hash}[keys]")
 
 
 @contextmanager

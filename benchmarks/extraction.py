@@ -52,7 +52,8 @@ FIVE_STATS = ("topk", "token_types", "moments", "histogram", "input_token_types"
 def main_job_settings(**overrides) -> ExtractionConfig:
     """conf/extraction/default.yaml, as the main job composes it."""
     fields = {f.name for f in dataclasses.fields(ExtractionConfig)}
-    settings = dict(input_site="hook_resid_mid", skip_first_positions=1, pseudo_neurons=256, progress=False)
+    settings = dict(input_site="hook_resid_mid", skip_first_positions=1, pseudo_neurons=256, track_type_max=False,
+                    progress=False)
     settings.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return ExtractionConfig(**settings)
 

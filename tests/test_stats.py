@@ -272,3 +272,42 @@ def test_topk_of_many_batches_equals_a_full_sort_by_value_then_position(tied):
     order = torch.sort(acts, dim=0, descending=True, stable=True).indices[:K]  # ties: smaller position first
     assert torch.equal(stat.values, acts.gather(0, order))
     assert torch.equal(stat.positions, by_position.gather(0, order))
+
+
+@pytest.mark.parametrize("track_max", [True, False])
+def test_export_in_place_equals_state_dict_bit_for_bit(data, monkeypatch, track_max):
+    """The end-of-pass export writes the means over the sums, derives the per-type table as it goes
+    and gives pages back (extraction/table_export.py): the same numbers as the plain export, every
+    block boundary crossed (3 float64 rows per block, so a type's two halves straddle blocks)."""
+    from intraneuron.extraction import table_export
+    from intraneuron.extraction.types import TypeKeys
+
+    monkeypatch.setattr(table_export, "EXPORT_BLOCK_BYTES", 3 * 8 * D)
+    acts, resid, ids, pos = data
+    window = pos // 7
+    keys = TypeKeys(ids.unique(), (ids * 2 + window % 2).unique())
+    config = dataclasses.replace(CONFIG, track_type_max=track_max, input_site="hook_resid_pre")
+    spec = ("fold_token_types", "token_types", "input_token_types", "moments")
+
+    def filled() -> CombinedStat:
+        stat = CombinedStat.build(spec, d_mlp=D, d_model=M, config=config, keys=keys)
+        for sl in CHUNKS:
+            stat.add(acts[sl], resid[sl], ids[sl], pos[sl], window[sl])
+        return stat
+
+    plain = filled().state_dict()
+    stat = filled()
+    folds = stat.stats["fold_token_types"]
+    assert folds._mapping is not None  # the in-place path is the one under test
+    sums_at = folds.sum.untyped_storage().data_ptr()
+    exported = stat.export()
+    assert exported["fold_mean"].untyped_storage().data_ptr() == sums_at  # written over the sums
+    assert_states(exported, plain, exact=True)
+    assert ("type_max" in exported) == track_max
+
+
+def test_export_of_a_table_with_unseen_rows_is_the_plain_one(data):
+    acts, _, ids, _ = data
+    table = feed(TokenTypeTable(V, D), acts, ids, None)  # type 7 never occurs: not exported in place
+    plain = table.state_dict()
+    assert_states(table.export(), plain, exact=True)

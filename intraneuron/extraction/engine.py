@@ -323,7 +323,7 @@ def _run_pass(
     flat_ids = np.asarray(ids).reshape(-1)
     profiles = {}
     for layer in layers:
-        tensors = {k: v.cpu() for k, v in reducers.pop(layer).state_dict().items()}  # its tables go
+        tensors = {k: v.cpu() for k, v in reducers.pop(layer).export().items()}  # its tables go
         for p in ("", "pseudo."):
             if f"{p}topk_positions" in tensors:
                 tensors[f"{p}topk_token_ids"] = torch.from_numpy(

@@ -6,8 +6,9 @@ budget (`extraction.memory_gb`, or the memory available when the extraction star
 so each pass stops early at its own deepest layer, and refuses in one line, before any forward pass,
 when a single layer does not fit. On a GPU the type tables stay on it when they fit its free memory,
 else on the host (`table_device`). Estimates count the float64 sums, float32 maxima, the profile
-exported at the end of the pass (its float32 means, and the per-type table derived from the
-per-half one), and the batch's captured activations; what the process already holds (the corpus, the libraries: its
+exported at the end of the pass (on the host the float32 means are written over the sums they come
+from and the per-type table derived from the per-half one takes the pages they give back,
+extraction/table_export.py; elsewhere both are new), and the batch's captured activations; what the process already holds (the corpus, the libraries: its
 resident memory) is counted once, and the weights the pass reads on top of it (transformers maps
 them from disk: they become resident when read). The estimate is an upper bound (every layer's
 export counted as if at once): measured peak RSS against it in benchmarks/extraction.py.
@@ -43,8 +44,12 @@ class LayerFootprint:
         return self.tables + self.export
 
 
-def layer_footprint(spec, settings, *, d_mlp: int, d_model: int, n_types: int, n_folds: int) -> LayerFootprint:
-    """The estimate for one layer of `spec` (extraction/stats.py names) with these dimensions."""
+def layer_footprint(
+    spec, settings, *, d_mlp: int, d_model: int, n_types: int, n_folds: int, on_host: bool = True
+) -> LayerFootprint:
+    """The estimate for one layer of `spec` (extraction/stats.py names) with these dimensions;
+    `on_host`: the tables' means are exported over their sums (TokenTypeTable.export)."""
+    mean_bytes = 0 if on_host else 4
     columns = [d_mlp] + ([settings.pseudo_neurons] if "pseudo_neurons" in spec else [])
     max_bytes = 4 if settings.track_type_max else 0
     tables = export = 0
@@ -59,16 +64,16 @@ def layer_footprint(spec, settings, *, d_mlp: int, d_model: int, n_types: int, n
             tables += c * 8 * 7
         if "fold_token_types" in spec:  # float64 sums, float32 maxima; exported: float32 means (the
             tables += n_folds * (c * (8 + max_bytes) + 16)  # maxima are the table's own tensor)
-            export += n_folds * c * 4
+            export += n_folds * c * mean_bytes
         if "token_types" in spec:
             if "fold_token_types" in spec:  # derived from the fold table at export, block by block
-                export += n_types * c * (4 + max_bytes)
+                export += n_types * c * (mean_bytes + max_bytes)
             else:
                 tables += n_types * (c * (8 + max_bytes) + 16)
-                export += n_types * c * 4
+                export += n_types * c * mean_bytes
     if "input_token_types" in spec:
         tables += n_types * (d_model * 8 + 16)
-        export += n_types * d_model * 4
+        export += n_types * d_model * mean_bytes
     return LayerFootprint(tables, export)
 
 
@@ -151,7 +156,9 @@ def plan_extraction(
     window_range = range(int(windows.ids.shape[0])) if window_range is None else window_range
     keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions)
     dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
-    per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), **dims).total
+    on_host = torch.device(settings.device).type == "cpu"  # a GPU's tables may spill to the host: counted as new
+    per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), on_host=on_host,
+                                **dims).total  # fmt: skip
     per_layer += batch_bytes(spec, settings, tokens_per_batch=settings.batch_size * windows.window_len, **dims)
     # weights load memory-mapped and become resident as the pass reads them: count those it reads
     held = held_bytes() + weight_bytes_up_to(handle, max(layers))

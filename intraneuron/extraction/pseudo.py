@@ -247,8 +247,14 @@ class PseudoNeurons(Stat):
         self.stats.merge(other.stats)
 
     def state_dict(self, prefix: str | None = None) -> State:
+        return self._state(prefix, self.stats.state_dict())
+
+    def export(self, prefix: str | None = None) -> State:
+        return self._state(prefix, self.stats.export())
+
+    def _state(self, prefix: str | None, inner: State) -> State:
         p = prefix or self.prefix
-        out = {f"{p}.{k}": v for k, v in self.stats.state_dict().items()}
+        out = {f"{p}.{k}": v for k, v in inner.items()}
         out[f"{p}.source_neurons"] = self.source_neurons
         out[f"{p}.rotation_seed"] = self.rotation_seed
         if self.calibration is not None:

@@ -48,6 +48,12 @@ class Stat(ABC):
     def load_state_dict(cls, state: State, prefix: str | None = None) -> Self:
         """The stat rebuilt from what `state_dict(prefix)` wrote."""
 
+    def export(self, prefix: str | None = None) -> State:
+        """`state_dict(prefix)` at the end of a pass: a stat may hand its own buffers over as the
+        exported tensors (the type tables do, extraction/type_tables.py), so it must not be used
+        after this."""
+        return self.state_dict(prefix)
+
 
 class TopK(Stat):
     """The K largest values per column and the global token positions where they occurred."""

@@ -209,6 +209,15 @@ class CombinedStat:
             out.update(stat.state_dict(PREFIXES[name]))
         return out
 
+    def export(self) -> State:
+        """`state_dict()` at the end of a pass, the stats' buffers handed over where they can be
+        (Stat.export): this CombinedStat must not be used after. The per-type table derived from
+        the fold table is exported first, while the fold table's float64 sums are still whole."""
+        out: State = {}
+        for name, stat in self.stats.items():
+            out.update(stat.export(PREFIXES[name]))
+        return out
+
     @classmethod
     def load_state_dict(cls, state: State, spec: Iterable[str] | None = None) -> CombinedStat:
         """Rebuild from `state_dict()` (or a profile's tensors); spec defaults to what is there."""

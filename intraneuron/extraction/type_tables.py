@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 
 from intraneuron.extraction.reducers import Stat, State
+from intraneuron.extraction.table_export import export_in_place, zeroed
 
 BLOCK_BYTES = 64 * 2**20  # the float64 temporaries of exporting or rebuilding a table, at most
+DERIVE_BYTES = 16 * 2**20  # the fold rows one column block of the derived per-type table reads
 
 
 class TokenTypeTable(Stat):
@@ -40,7 +42,8 @@ class TokenTypeTable(Stat):
         self.keys = (torch.arange(keys) if isinstance(keys, int) else torch.unique(keys.long())).to(device)  # [R]
         rows = self.keys.numel()
         self.count = torch.zeros(rows, dtype=torch.long, device=device)  # [R]
-        self.sum = torch.zeros(rows, width, dtype=torch.float64, device=device)  # [R, D]
+        self.sum, self._mapping = zeroed(rows, width, torch.float64, device)  # [R, D]
+        self._exported: tuple[State, State | None] | None = None  # export_in_place's, once exported
         self.max = torch.full((rows, width), -torch.inf, device=device) if track_max else None  # [R, D]
 
     def add(self, acts: torch.Tensor, keys: torch.Tensor) -> None:
@@ -84,7 +87,7 @@ class TokenTypeTable(Stat):
         old = torch.searchsorted(union, self.keys)  # where the held rows go
         count = self.count.new_zeros(union.numel())
         count[old] = self.count
-        total = self.sum.new_zeros(union.numel(), self.sum.shape[1])
+        total, self._mapping = zeroed(union.numel(), self.sum.shape[1], torch.float64, self.sum.device)
         total[old] = self.sum
         if self.max is not None:
             peak = self.max.new_full((union.numel(), self.max.shape[1]), -torch.inf)
@@ -110,6 +113,27 @@ class TokenTypeTable(Stat):
         if self.max is not None:
             out[f"{p}_max"] = self.max if every else self.max[seen]
         return out
+
+    def export(self, prefix: str | None = None) -> State:
+        """`state_dict(prefix)` at the end of a pass: on the host, the means are written over the
+        sums (extraction/table_export.py) and the table must not be used after."""
+        exported = self.export_tables(derive_types=False)
+        if exported is None:
+            return self.state_dict(prefix)
+        p = prefix or self.prefix
+        return {f"{p}_{name}": tensor for name, tensor in exported[0].items()}
+
+    def export_tables(self, derive_types: bool) -> tuple[State, State | None] | None:
+        """(this table's {ids, count, mean[, max]}, the derived per-type table's when `derive_types`),
+        exported in place once; None when it cannot be (off the host, or rows never seen)."""
+        if self._exported is None:
+            if self._mapping is None or not bool((self.count > 0).all()):
+                return None
+            self._exported = export_in_place(self.keys, self.count, self.sum, self._mapping, self.max, derive_types)
+            self.sum = self._mapping = None
+        if derive_types and self._exported[1] is None:
+            raise RuntimeError("the fold table was exported before the per-type table derived from it")
+        return self._exported
 
     @classmethod
     def load_state_dict(
@@ -161,23 +185,35 @@ class TypesFromFolds(Stat):
         types, row = torch.unique(folds.keys // 2, return_inverse=True)  # [T'], [F]
         count = torch.zeros(types.numel(), dtype=torch.long, device=row.device).index_add_(0, row, folds.count)
         seen = count.nonzero().squeeze(1)  # [T]
+        every = seen.numel() == types.numel()
         width = folds.sum.shape[1]
         mean = torch.empty(seen.numel(), width, device=folds.sum.device)  # [T, D] float32
         peak = torch.empty_like(mean) if folds.max is not None else None
-        step = max(1, BLOCK_BYTES // (8 * max(types.numel(), 1)))  # columns per block of float64 [T', step]
+        # small column blocks: a block's float64 sums, its fold rows and the division are the only
+        # temporaries, at the end of the pass, when the tables are at their largest
+        step = max(1, DERIVE_BYTES // (8 * max(folds.sum.shape[0], 1)))  # columns per block
+        block = torch.empty(types.numel(), min(step, width), dtype=torch.float64, device=mean.device)
         for start in range(0, width, step):
             cols = slice(start, min(start + step, width))
-            block = torch.zeros(types.numel(), cols.stop - start, dtype=torch.float64, device=mean.device)
-            block.index_add_(0, row, folds.sum[:, cols])
-            mean[:, cols] = (block[seen] / count[seen, None]).float()
+            part = block[:, : cols.stop - start].zero_().index_add_(0, row, folds.sum[:, cols])  # [T', c]
+            mean[:, cols] = part.div_(count[:, None]) if every else part[seen] / count[seen, None]
             if peak is not None:
-                top = torch.full(block.shape, -torch.inf, device=mean.device)
+                top = part.float().fill_(-torch.inf)
                 top.scatter_reduce_(0, row[:, None].expand(-1, cols.stop - start), folds.max[:, cols], reduce="amax")
-                peak[:, cols] = top[seen]
+                peak[:, cols] = top if every else top[seen]
         out = {f"{p}_ids": types[seen], f"{p}_count": count[seen], f"{p}_mean": mean}
         if peak is not None:
             out[f"{p}_max"] = peak
         return out
+
+    def export(self, prefix: str | None = None) -> State:
+        """`state_dict(prefix)` at the end of a pass, derived while the fold table is exported in
+        place (CombinedStat.export exports this first)."""
+        exported = self.folds.export_tables(derive_types=True)
+        if exported is None:
+            return self.state_dict(prefix)
+        p = prefix or self.prefix
+        return {f"{p}_{name}": tensor for name, tensor in exported[1].items()}
 
     @classmethod
     def load_state_dict(cls, state: State, prefix: str | None = None) -> TypesFromFolds:
