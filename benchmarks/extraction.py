@@ -101,11 +101,13 @@ def lens_bridge():
     """The packaged SmolLM2 as a TransformerLens 4 bridge, booted from its de-quantised folder."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    from intraneuron.models.loading import dequantised_dir
-    from intraneuron.models.packaged import smollm2_gguf
+    from intraneuron.models.loading import dequantised
+    from intraneuron.models.packaged import InMemory, smollm2_gguf
 
-    return TransformerBridge.boot_transformers(str(dequantised_dir(smollm2_gguf())), device="cpu",
-                                               dtype=torch.float32)  # fmt: skip
+    folder = dequantised(smollm2_gguf())
+    if isinstance(folder, InMemory):  # the warning above says why
+        raise SystemExit("TransformerLens boots from a folder: the de-quantised SmolLM2 could not be saved")
+    return TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float32)
 
 
 def probe(args) -> None:

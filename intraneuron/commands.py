@@ -6,9 +6,10 @@
     intraneuron merge <parent run id | sweep folder> [--allow-gaps] [--tracking-uri URI]
 
 Plain argparse, not Hydra: these read a store (`merge` also writes the merged layers back), they
-configure no job. Every failure the user can
-fix (an unknown run, experiment, layer or neuron, a store that is not there) is one line on stderr
-and exit status 1.
+configure no job. Every failure the user can fix (an unknown run, experiment, layer or neuron, a
+malformed run id, an unwritable --out, a store that is not there, is down or is no MLflow store) is
+one line on stderr and exit status 1. The store is checked first, in seconds, by the jobs' own
+pre-flight (`tracking.preflight`): MLflow's client retries a server that is down for minutes.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class CommandError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from intraneuron.reports.artifacts import quiet_downloads
-    from intraneuron.reports.compare import NotFound
+    from intraneuron.errors import ConfigError, NotFound
 
     try:
+        writes = args.command == "merge" or getattr(args, "mark", False)
+        args.tracking_uri = _checked_store(args.tracking_uri, writes=writes)  # before MLflow is imported
+        from intraneuron.reports.artifacts import quiet_downloads
+
         with quiet_downloads():
             return args.handler(args)
-    except (CommandError, NotFound) as error:
+    except (CommandError, ConfigError, NotFound) as error:
         print(f"{PROG} {args.command}: {error}", file=sys.stderr)
         return 1
 
@@ -91,7 +95,7 @@ def merge_command(args: argparse.Namespace) -> int:
     client = _client(args.tracking_uri)
     try:
         parent_id = parent_run_id(args.target)
-        get_run(client, parent_id)
+        get_run(client, parent_id, argument="target")
         merged = merge_sweep(client, parent_id, allow_gaps=args.allow_gaps)
     except ShardMergeError as error:
         raise CommandError(str(error)) from None
@@ -100,8 +104,8 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from intraneuron.errors import ConfigError, NotFound
     from intraneuron.reports.compare import (
-        NotFound,
         experiment_table,
         file_safe,
         find_experiment,
@@ -110,10 +114,12 @@ def compare_command(args: argparse.Namespace) -> int:
         write_summary,
     )  # fmt: skip
 
+    out = args.out if args.out is not None else Path(f"compare-{file_safe(args.target)}")
+    _check_out(args.out, out)
     client = _client(args.tracking_uri)
     try:
-        run = get_run(client, args.target)
-    except NotFound:  # not a run: try it as an experiment
+        run = get_run(client, args.target, argument="target")
+    except (NotFound, ConfigError):  # not a run (or not even a run id): try it as an experiment
         run = None
     if run is not None:
         table = sweep_table(client, args.target)
@@ -129,7 +135,6 @@ def compare_command(args: argparse.Namespace) -> int:
         if table.empty:
             raise CommandError(f"experiment {experiment.name!r} has no runs with headline metrics")
         title = f"Experiment {experiment.name}"
-    out = args.out if args.out is not None else Path(f"compare-{file_safe(args.target)}")
     print(title)
     print(terminal_table(table))
     paths = write_summary(table, out, title)
@@ -169,6 +174,9 @@ def abbreviate(metric: str, letters: int = 4) -> str:
 def show_command(args: argparse.Namespace) -> int:
     from intraneuron.reports.compare import format_value, get_run
 
+    if args.neuron is not None:  # the card goes into --out, a file in its folder, or the current folder
+        out = args.out or Path()
+        _check_out(args.out, out if out.is_dir() else out.parent)
     client = _client(args.tracking_uri)
     run = get_run(client, args.run_id)
     tags, params = run.data.tags, run.data.params
@@ -338,21 +346,34 @@ def _running_runs(client, experiment_ids: list[str]) -> list:
             return runs
 
 
-def _client(uri: str | None):
-    """An MlflowClient of the store, refusing to create an empty sqlite file by a typo."""
-    from mlflow import MlflowClient
-
-    from intraneuron.errors import ConfigError
+def _checked_store(uri: str | None, *, writes: bool) -> str:
+    """The store's URI (sqlite paths made absolute), checked like a job's (`check_reachable`), and
+    refusing to create an empty sqlite file by a typo. `writes`: the command writes to the store."""
+    from intraneuron.tracking.preflight import check_reachable
     from intraneuron.tracking.store import TrackingConfig, resolve
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig.tracking_uri
-    try:
-        resolved = resolve(TrackingConfig(tracking_uri=uri), Path.cwd())
-    except ConfigError as error:
-        raise CommandError(str(error)) from None
+    tcfg = TrackingConfig(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig.tracking_uri)
+    resolved = resolve(tcfg, Path.cwd())
     if resolved.sqlite_file is not None and not resolved.sqlite_file.is_file():
         raise CommandError(f"no MLflow store at {resolved.sqlite_file} (give --tracking-uri)")
-    return MlflowClient(resolved.tracking_uri)
+    check_reachable(tcfg, Path.cwd(), writes=writes)
+    return resolved.tracking_uri
+
+
+def _check_out(out: Path | None, folder: Path) -> None:
+    """Refuse, before any work, an --out whose folder (created if missing) takes no new file."""
+    from intraneuron.errors import ConfigError
+    from intraneuron.tracking.preflight import unwritable
+
+    if problem := unwritable(folder.absolute(), create=False):
+        raise ConfigError("--out", out and str(out), f"a folder that can be created and written ({problem})")
+
+
+def _client(uri: str):
+    """An MlflowClient of a store `_checked_store` has checked."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
 
 
 def _layers(run) -> list[int]:

@@ -28,3 +28,7 @@ def unresolvable(error: Exception) -> ConfigError:
 
 class MissingAssetError(FileNotFoundError):
     """A file the run needs (model, corpus, vendored data) is not where it should be."""
+
+
+class NotFound(LookupError):
+    """No such run or experiment in the tracking store."""

@@ -206,6 +206,54 @@ def test_unknowns_exit_1_with_one_line(sweep, argv, capsys):
     assert len(captured.err.strip().splitlines()) == 1 and captured.err.startswith(f"intraneuron {argv[0]}: ")
 
 
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory) -> tuple[str, str]:
+    """(tracking URI, run id) of a store holding one finished run."""
+    from intraneuron.tracking.run import tracked_run
+    from intraneuron.tracking.store import TrackingConfig
+
+    store = tmp_path_factory.mktemp("one_run") / "mlflow.db"
+    tcfg = TrackingConfig(tracking_uri=f"sqlite:///{store}", experiment="one", system_metrics=False)
+    with tracked_run(tcfg, run_name="one") as run:
+        return tcfg.tracking_uri, run.run_id
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("run_id", ["", "../../../etc/passwd", "0123456789abcdef'0123456789abcdef", "a run"])
+def test_a_malformed_run_id_is_one_line_naming_it(one_run, run_id, capsys):
+    uri, _ = one_run
+    assert commands.main(["show", run_id, "--tracking-uri", uri]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith(f"intraneuron show: run_id={run_id!r} is not allowed: expected an MLflow run id")
+
+
+@pytest.mark.parametrize("argv", [
+    ["show", "<run>", "--neuron", "3", "--out", "afile.txt/cards"],  # a folder under a file
+    ["show", "<run>", "--neuron", "3", "--layer", "0", "--out", "afile.txt/card.html"],
+    ["show", "<run>", "--neuron", "3", "--out", "/proc/cards"],  # not even root writes there
+    ["compare", "<run>", "--out", "afile.txt/summary"],
+])  # fmt: skip
+def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(one_run, argv, tmp_path, monkeypatch, capsys):
+    uri, run_id = one_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile.txt").write_text("not a folder")
+    argv = [run_id if a == "<run>" else a for a in argv]
+    assert commands.main([*argv, "--tracking-uri", uri]) == 1
+    line = _one_error_line(capsys)
+    out = argv[argv.index("--out") + 1]
+    assert line.startswith(f"intraneuron {argv[0]}: --out={out!r} is not allowed: expected a folder that can be "
+                           "created and written")  # fmt: skip
+    assert "afile.txt is not a folder" in line or "cannot write in /proc" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]  # nothing written
+
+
 def test_very_wide_tables_abbreviate_the_headline_columns():
     table = hand_made_table()
     narrow = commands.terminal_table(table, width=60)

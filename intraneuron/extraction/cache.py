@@ -31,11 +31,11 @@ try:
 except ImportError:  # not POSIX: no advisory locks, concurrent jobs may both extract (still safe)
     fcntl = None
 
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from intraneuron.extraction.profile import ActivationProfile
 from intraneuron.hashing import file_sha256
+from intraneuron.saving import save_errors_as_oserror
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,8 @@ class TensorCache:
         tmp.mkdir()
         try:
             tensor_file = tmp / self.tensor_file
-            try:
+            with save_errors_as_oserror(tensor_file):  # the cache's callers catch OSError
                 save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tensor_file)
-            except SafetensorError as err:  # a full disk, said by safetensors: the cache's callers catch OSError
-                raise OSError(f"could not write {tensor_file}: {err}") from err
             manifest = {
                 "key": key,
                 "key_fields": key_fields,

@@ -18,27 +18,26 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from intraneuron import paths
 from intraneuron.errors import ConfigError, MissingAssetError
 from intraneuron.hashing import file_sha256 as plain_file_sha256
 from intraneuron.models.adapters import ArchitectureAdapter, Site, adapter_for
-from intraneuron.models.packaged import minilm_dir, publish_directory, smollm2_gguf
-from intraneuron.models.tiny import TINY_MODELS, tiny_model_dir
+from intraneuron.models.packaged import InMemory, minilm_dir, save_to_cache, smollm2_gguf
+from intraneuron.models.tiny import TINY_MODELS, tiny_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PACKAGED: dict[str, Callable[[], Path]] = {
+PACKAGED: dict[str, Callable[[], Path | InMemory]] = {
     "smollm2-135m": smollm2_gguf,
     "minilm-l6": minilm_dir,
-    **{name: lambda name=name: tiny_model_dir(name) for name in TINY_MODELS},
+    **{name: lambda name=name: tiny_model(name) for name in TINY_MODELS},
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
@@ -115,7 +114,10 @@ def load_model(
                 raise MissingAssetError(f"model path {source!r} does not exist")
             location = None  # a hub id
 
-    if location is None:
+    if isinstance(location, InMemory):  # a tiny model the cache could not keep
+        fingerprint = f"sha256:{weights_sha256(location.model)}"
+        model, tokenizer = _load_built(location, torch_dtype)
+    elif location is None:
         model, tokenizer, fingerprint = _load_hub(
             source, torch_dtype, revision, trust_remote_code, local_files_only
         )
@@ -124,9 +126,7 @@ def load_model(
             allowed = "a model directory, a .gguf file, a hub id or one of " + ", ".join(PACKAGED)
             raise ConfigError("model.source", source, allowed)
         gguf_sha = file_sha256(location)
-        model, tokenizer = _load_pretrained(
-            str(dequantised_dir(location, gguf_sha)), torch_dtype, {}
-        )
+        model, tokenizer = _load_built(dequantised(location, gguf_sha), torch_dtype)
         fingerprint = f"sha256:{gguf_sha}"
     else:
         model, tokenizer = _load_pretrained(
@@ -180,6 +180,13 @@ def _load_pretrained(location: str, torch_dtype: torch.dtype, hub_kwargs: dict[s
     return model, tokenizer
 
 
+def _load_built(built: Path | InMemory, torch_dtype: torch.dtype):
+    """A model folder of the cache loaded, or the model the cache could not keep, in `torch_dtype`."""
+    if isinstance(built, InMemory):
+        return built.model.to(torch_dtype), built.tokenizer
+    return _load_pretrained(str(built), torch_dtype, {})
+
+
 def _load_hub(
     model_id: str,
     torch_dtype: torch.dtype,
@@ -209,23 +216,21 @@ def _load_hub(
 # --- GGUF: de-quantise once, then load the cached float32 directory (~15 s -> ~0.3 s) ---------
 
 
-def dequantised_dir(gguf: Path, gguf_sha: str | None = None) -> Path:
-    """Cached HF directory holding the float32 weights of a GGUF file, built on first use."""
+def dequantised(gguf: Path, gguf_sha: str | None = None) -> Path | InMemory:
+    """Cached HF directory holding the float32 weights of a GGUF file, built on first use; the
+    de-quantised model itself when the cache cannot keep it."""
     gguf_sha = gguf_sha or file_sha256(gguf)
     target = paths.cache_dir() / "models" / gguf_sha
     if (target / _GGUF_MANIFEST).exists():
         return target
     model, tokenizer = load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{gguf_sha[:16]}-", dir=target.parent))
-    try:
-        save_dequantised(model, tokenizer, staging)
+
+    def save(folder: Path) -> None:
+        save_dequantised(model, tokenizer, folder)
         manifest = {"gguf_file": str(gguf), "gguf_sha256": gguf_sha}
-        (staging / _GGUF_MANIFEST).write_text(json.dumps(manifest, indent=1))
-        publish_directory(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        (folder / _GGUF_MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    return target if save_to_cache(target, save) else InMemory(model, tokenizer)
 
 
 def load_gguf(gguf: Path):
@@ -240,8 +245,6 @@ def load_gguf(gguf: Path):
 
 def save_dequantised(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """Write a GGUF-loaded model as a plain HF directory (`save_pretrained` refuses GGUF models)."""
-    from safetensors.torch import save_file
-
     # tied weights (lm_head = embed_tokens) share storage: keep the first name only, which is the
     # input embedding, so readers of the embedding tensor find it under its usual name
     seen: set[int] = set()
@@ -279,6 +282,16 @@ def file_sha256(path: Path) -> str:
     partial.write_text(digest)
     os.replace(partial, memo)
     return digest
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameter and buffer names and bytes: the identity of weights held in
+    memory only (a tiny model the cache could not keep; the next run's saved copy hashes its files)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def directory_sha256(directory: Path) -> str:

@@ -7,13 +7,20 @@ is located through `importlib.util.find_spec`, which reads the package's locatio
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from intraneuron import paths
 from intraneuron.errors import MissingAssetError
+from intraneuron.saving import save_errors_as_oserror
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -99,3 +106,35 @@ def publish_directory(staging: Path, target: Path) -> None:
     except OSError:
         if not target.exists():
             raise
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """A model built in this process that the cache could not keep: used as it is."""
+
+    model: Any  # torch.nn.Module
+    tokenizer: Any
+
+
+def save_to_cache(target: Path, save: Callable[[Path], None]) -> bool:
+    """`save(folder)` into a private sibling of `target`, then renamed into place: True once there.
+
+    A disk that refuses (full, read-only, gone; safetensors' own error included) leaves nothing
+    behind and one warning naming the folder and the error: False, and the caller goes on with the
+    model it holds in memory; the next run builds it again.
+    """
+    staging = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}-", dir=target.parent))
+        with save_errors_as_oserror(staging):
+            save(staging)
+        publish_directory(staging, target)
+    except OSError as err:
+        log.warning("could not save %s (%s); going on with the model in memory, the next run builds it again",
+                    target, err)  # fmt: skip
+        return False
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return True

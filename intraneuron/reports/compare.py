@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from intraneuron.errors import ConfigError, NotFound
 from intraneuron.reports.artifacts import HEADLINE_TAG
 
 if TYPE_CHECKING:
@@ -30,10 +31,8 @@ PARENT_TAG = "mlflow.parentRunId"
 MAX_FIGURES = 24  # beyond this a summary page stops being read; the CSV keeps every number
 UNSET = "(unset)"  # category of a run that does not have the param at all
 _HEADLINE = re.compile(r"^L(\d+)/(.+)$")
-
-
-class NotFound(LookupError):
-    """No such run or experiment in the tracking store."""
+RUN_ID_FORM = ("an MLflow run id: a letter or digit, then up to 255 letters, digits, _ or - "
+               "(`intraneuron compare <experiment>` lists them)")  # fmt: skip
 
 
 def sweep_table(client: MlflowClient, parent_run_id: str) -> pd.DataFrame:
@@ -169,8 +168,9 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def get_run(client: MlflowClient, run_id: str):
-    """client.get_run, with NotFound for an id the store does not have."""
+def get_run(client: MlflowClient, run_id: str, argument: str = "run_id"):
+    """client.get_run, with NotFound for an id the store does not have, and a ConfigError naming
+    `argument` for a value that is no run id at all ('', a path, a quote: MLflow's own check)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -178,6 +178,8 @@ def get_run(client: MlflowClient, run_id: str):
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise NotFound(f"no run {run_id!r} in {client.tracking_uri}") from None
+        if error.error_code == "INVALID_PARAMETER_VALUE":
+            raise ConfigError(argument, run_id, RUN_ID_FORM) from None
         raise
 
 
