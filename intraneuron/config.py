@@ -4,6 +4,7 @@ Schemas live next to the code they configure (`models/config.py`, `corpus/config
 `extraction/config.py`, `tracking/store.py`, and the groups an analysis declares). `validate(cfg)`
 validates the run's own groups (`layer`, `model`, `models`, `corpus`, `extraction`, `tracking`, `report`), builds the
 analysis named by `analysis._target_`, then validates only the groups that analysis declares.
+A top-level key that is neither a config group nor a key of the entry config is refused first.
 Merging onto a schema rejects unknown keys and values of the wrong type; each schema's `validate()`
 checks ranges. Every failure is a ConfigError naming the key, the value and what is allowed, and
 nothing here loads weights or reads the corpus (a local model's config.json at most).
@@ -27,6 +28,7 @@ from intraneuron.corpus.config import CorpusConfig
 from intraneuron.errors import ConfigError, unresolvable
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.models.config import ModelConfig, ModelsConfig
+from intraneuron.paths import CONF_DIR
 from intraneuron.reports.config import ReportConfig
 from intraneuron.tracking.store import TrackingConfig
 
@@ -61,6 +63,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     from intraneuron.registry import build_analysis, refuse_other_targets
 
     tree = _resolved(cfg)
+    refuse_unknown_top_keys(tree)
     refuse_other_targets(tree)
     run_groups = {name: _typed(tree, name, schema) for name, schema in RUN_GROUPS.items()}
     layers = _layers(tree.get("layer"))
@@ -76,10 +79,32 @@ def validate(cfg: DictConfig) -> RunConfig:
     return run
 
 
+def top_level_keys() -> list[str]:
+    """The keys a composed config may have at its top: the config groups (the folders of conf/,
+    whatever options they hold) and the entry config's own keys (`layer`). Read from the config
+    tree itself, so a new group or key is allowed as soon as it exists; `hydra` is Hydra's node,
+    never part of a job's config."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.load(CONF_DIR / "config.yaml")
+    keys = {p.name for p in CONF_DIR.iterdir() if p.is_dir()} | {str(k) for k in own if k != "defaults"}
+    return sorted(keys - {"hydra"})
+
+
+def refuse_unknown_top_keys(tree: dict[str, Any]) -> None:
+    """`+bogus_top=1` would otherwise be accepted and never read by anything."""
+    allowed = top_level_keys()
+    for key, value in tree.items():
+        if key not in allowed:
+            raise ConfigError(str(key), value, f"a config group or key of conf/config.yaml: {', '.join(allowed)}")
+
+
 def _check_across(run: RunConfig) -> None:
-    depth = run.model.depth()
+    depth, width = run.model.shape()
     if depth is not None:
         check_layers(run.layers, depth, run.model.name)
+    if width is not None:
+        check_width(run, width)
     if run.extraction.skip_first_positions >= run.corpus.window_len:
         raise ConfigError(
             "extraction.skip_first_positions",
@@ -92,6 +117,17 @@ def check_layers(layers: list[int], depth: int, model_name: str) -> None:
     for layer in layers:
         if layer >= depth:
             raise ConfigError("layer", layer, f"0..{depth - 1} ({model_name} has {depth} layers)")
+
+
+def check_width(run: RunConfig, d_mlp: int) -> None:
+    """The checks that need the layer's width: before loading when a local config.json gives it,
+    else right after loading. Each group of the analysis with a `check_fits(d_mlp)` checks itself."""
+    for group in run.groups.values():
+        if hasattr(group, "check_fits"):
+            group.check_fits(d_mlp)
+    for neuron in run.report.neurons:
+        if neuron >= d_mlp:
+            raise ConfigError("report.neurons", run.report.neurons, f"neuron indices < d_mlp={d_mlp}")
 
 
 def _resolved(cfg: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from intraneuron import paths
 from intraneuron.analyses.base import Job
-from intraneuron.config import RunConfig, check_layers, validate
+from intraneuron.config import RunConfig, check_layers, check_width, validate
 from intraneuron.errors import ConfigError
 from intraneuron.reports import artifacts
 from intraneuron.tracking.logger import RunLogger
@@ -122,10 +122,8 @@ def open_job(rc: RunConfig) -> Job:
 
     handle = rc.model.load()
     check_layers(rc.layers, handle.n_layers, rc.model.name)
+    check_width(rc, handle.d_mlp)
     rc.analysis.check_model(rc, handle)
-    for neuron in rc.report.neurons:
-        if neuron >= handle.d_mlp:
-            raise ConfigError("report.neurons", rc.report.neurons, f"neuron indices < d_mlp={handle.d_mlp}")
     others = rc.models.load()
     reference = tokenizer_fingerprint(handle.tokenizer)
     for i, other in enumerate(others):

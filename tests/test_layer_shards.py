@@ -51,6 +51,12 @@ def test_more_shards_than_neurons_is_refused_once_the_width_is_known():
         NeuronsConfig(select="range", start=0, stop=3, shards=4, shard=3).check_fits(64)
 
 
+def test_a_range_ending_beyond_the_layer_is_refused_not_clipped():
+    with pytest.raises(ConfigError, match=r"^neurons\.stop=500 is not allowed: expected <= d_mlp=128"):
+        NeuronsConfig(select="range", start=0, stop=500).check_fits(128)
+    NeuronsConfig(select="range", start=0, stop=128).check_fits(128)  # the whole layer
+
+
 def _two_fold_rows(neurons: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
     """Per-neuron rows shaped like `two_fold.layer.analyse_layer`'s neurons table, random values."""
     from intraneuron.analyses.two_fold.neuron import ROW_KEYS

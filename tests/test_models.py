@@ -316,6 +316,23 @@ def test_unknown_architecture_lists_supported_ones(tmp_path):
         load_model(str(tmp_path))
 
 
+def test_a_model_type_transformers_does_not_know_is_one_line_naming_the_folder(tmp_path):
+    folder = tmp_path / "made-up"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "made_up_arch"}))
+    with pytest.raises(ConfigError) as caught:
+        load_model(str(folder))
+    message = str(caught.value)
+    assert (caught.value.key, caught.value.value) == ("model.source", str(folder))
+    assert "'made_up_arch'" in message and "upgrade transformers" in message and "\n" not in message
+    # code of its own named in config.json: the advice is the switch that runs it, off by default
+    (folder / "config.json").write_text(json.dumps({"model_type": "made_up_arch",
+                                                    "auto_map": {"AutoConfig": "made_up.MadeUpConfig"}}))
+    with pytest.raises(ConfigError, match=r"auto_map.*model\.trust_remote_code=true") as caught:
+        load_model(str(folder))
+    assert "\n" not in str(caught.value)
+
+
 def test_site_errors_name_the_key(tiny_model_dirs):
     handle = load_model(str(tiny_model_dirs["gpt2"]))
     with pytest.raises(ConfigError, match=r"layer=3 is not allowed: expected 0\.\.2"):

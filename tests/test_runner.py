@@ -209,6 +209,16 @@ def test_a_missing_static_checkpoint_fails_before_the_extraction(run_job, tmp_pa
     assert "no-such-checkpoint" in run.data.tags["error"]
 
 
+def test_a_neuron_range_beyond_the_layer_fails_after_loading_before_the_extraction(run_job, tmp_path, monkeypatch):
+    # a packaged model has no config.json to read first: its width (128) is known once it is loaded
+    from intraneuron.errors import ConfigError
+
+    monkeypatch.setenv("INTRANEURON_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match=r"^neurons\.stop=500 is not allowed: expected <= d_mlp=128"):
+        run_job(*TINY, "layer=0", "neurons.stop=500")
+    assert not (tmp_path / "cache" / "profiles").exists()  # nothing was extracted
+
+
 def test_static_embeddings_of_another_checkpoint_map_the_analysed_vocabulary(run_job, tmp_path):
     # tiny-llama analysed, tiny-gpt2's input embeddings as the "static" checkpoint: laid out like
     # GPT-2's (transformer.wte.weight [50257, 32]) and read alone from its safetensors file.

@@ -85,6 +85,16 @@ def test_relative_sqlite_and_artifact_paths_become_absolute(tmp_path):
     assert remote.tracking_uri == "http://127.0.0.1:5000" and remote.artifact_location is None
 
 
+@pytest.mark.parametrize("name", ["..", ".", "runs/first", "../elsewhere", "a\\b"])
+def test_an_experiment_name_that_would_leave_the_artifact_root_is_refused(name, tmp_path):
+    for tcfg in (TrackingConfig("sqlite:///m.db", name), TrackingConfig("sqlite:///m.db", name, artifact_root="art")):
+        with pytest.raises(ConfigError) as caught:
+            resolve(tcfg, tmp_path)
+        assert caught.value.key == "tracking.experiment" and caught.value.value == name
+    # a server keeps the artifacts where it likes: the name is its own business (Databricks uses paths)
+    assert resolve(TrackingConfig("http://127.0.0.1:5000", "team/first"), tmp_path).artifact_location is None
+
+
 # ---------------------------------------------------------------- one run, in-process
 
 

@@ -264,8 +264,11 @@ def test_a_copied_project_is_refused_before_writing_into_the_original(tmp_path):
     before = _files(original)
     with pytest.raises(ConfigError) as caught:
         _log_one_run(copy)
-    assert caught.value.key == "tracking.artifact_root"
-    assert "copy of" in str(caught.value) and "tracking.experiment=" in str(caught.value)
+    # named by the experiment and its name: tracking.artifact_root is unset, its value says nothing
+    assert (caught.value.key, caught.value.value) == ("tracking.experiment", "copied")
+    message = str(caught.value)
+    assert message.startswith("tracking.experiment='copied' is not allowed") and "None" not in message
+    assert "copy of" in message and f"tracking.artifact_root={original / 'mlruns' / 'artifacts'})" in message
     assert _files(original) == before  # nothing written there, not even a run row
     # a new experiment in the copy writes into the copy
     run_id = _log_one_run(copy, experiment="here")

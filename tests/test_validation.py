@@ -53,8 +53,11 @@ def case(id_, *overrides, key, error=ConfigError, run="FAILED") -> Case:
 
 
 # Placeholders: {files} = a folder of prepared text files, {db} = the test store, {port} = a free
-# local port with nothing listening.
+# local port with nothing listening, {models} = a folder of local model folders holding config.json
+# alone (gpt2: tiny-gpt2's shape, d_mlp 128; unknown: a model_type transformers does not know).
 CASES = [
+    # the top of the tree: only config groups and the entry config's own keys
+    case("top-level-unknown-key", "+bogus_top=1", key="bogus_top"),
     # layer
     case("layer-beyond-depth", "layer=3", key="layer"),
     case("layer-list-beyond-depth", "layer=[0,5]", key="layer"),
@@ -75,6 +78,7 @@ CASES = [
     case("model-n-layers-zero", "model.n_layers=0", key="model.n_layers"),
     case("model-trust-remote-code-type", "model.trust_remote_code=maybe", key="model.trust_remote_code"),
     case("model-unknown-key", "+model.revison=main", key="model.revison"),
+    case("model-unknown-model-type", "model.source={models}/unknown", key="model.source"),
     # corpus
     case("corpus-window-len-zero", "corpus.window_len=0", key="corpus.window_len"),
     case("corpus-prepend-bos-type", "corpus.prepend_bos=maybe", key="corpus.prepend_bos"),
@@ -126,6 +130,8 @@ CASES = [
     case("neurons-range-empty", "neurons=range", "neurons.start=5", "neurons.stop=5", key="neurons.stop"),
     case("neurons-sample-empty", "neurons=sample", "neurons.n=0", key="neurons.n"),
     case("neurons-unknown-key", "+neurons.count=3", key="neurons.count"),
+    case("neurons-range-stop-beyond-width", "neurons=range", "neurons.stop=500", "model.source={models}/gpt2",
+         key="neurons.stop"),
     # core_tokens
     case("core-rule", "core_tokens.rule=top_k", key="core_tokens.rule"),
     case("core-tau-above-one", "core_tokens=fraction_of_max", "core_tokens.tau=1.5", key="core_tokens.tau"),
@@ -254,6 +260,7 @@ CASES = [
     case("report-random-negative", "report.random=-2", key="report.random"),
     case("report-neuron-negative", "report.neurons=[-3]", key="report.neurons"),
     case("report-neurons-not-ints", "report.neurons=[a]", key="report.neurons"),
+    case("report-neuron-beyond-width", "report.neurons=[200]", "model.source={models}/gpt2", key="report.neurons"),
     case("report-unknown-key", "+report.colour=red", key="report.colour"),
     # tracking: the store is checked before a run is created, so none is
     case("tracking-file-store", "tracking.tracking_uri=mlruns", key="tracking.tracking_uri", run=None),
@@ -265,6 +272,10 @@ CASES = [
     case("tracking-server-port-type", "tracking.tracking_uri=http://127.0.0.1:abc", key="tracking.tracking_uri",
          run=None),
     case("tracking-experiment-empty", "tracking.tracking_uri={db}", "tracking.experiment=''",
+         key="tracking.experiment", run=None),
+    case("tracking-experiment-parent-folder", "tracking.tracking_uri={db}", "tracking.experiment=..",
+         key="tracking.experiment", run=None),
+    case("tracking-experiment-path", "tracking.tracking_uri={db}", "tracking.experiment=runs/first",
          key="tracking.experiment", run=None),
     case("tracking-artifact-root-unwritable", "tracking.tracking_uri={db}", "tracking.artifact_root=/proc/x",
          key="tracking.artifact_root", run=None),
@@ -333,6 +344,17 @@ def files(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    from transformers import GPT2Config
+
+    folder = tmp_path_factory.mktemp("models")
+    GPT2Config(n_embd=32, n_layer=3, n_head=4).save_pretrained(folder / "gpt2")
+    (folder / "unknown").mkdir()
+    (folder / "unknown" / "config.json").write_text('{"model_type": "made_up_arch"}', encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     """One sqlite store for the whole battery (its tables are created once, here); each case logs to
     an experiment of its own."""
@@ -359,8 +381,9 @@ def no_model(monkeypatch):
     monkeypatch.setattr(loading, "load_model", tripwire)
 
 
-def fill(overrides, *, files: Path, db: str, port: int) -> list[str]:
-    return [o.replace("{files}", str(files)).replace("{db}", db).replace("{port}", str(port)) for o in overrides]
+def fill(overrides, *, files: Path, models: Path, db: str, port: int) -> list[str]:
+    return [o.replace("{files}", str(files)).replace("{models}", str(models)).replace("{db}", db)
+            .replace("{port}", str(port)) for o in overrides]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -369,7 +392,7 @@ def fill(overrides, *, files: Path, db: str, port: int) -> list[str]:
     ids=CASE_IDS,
 )
 def test_bad_value_fails_before_the_model_in_one_line_naming_the_key(
-    case, files, store, no_model, tmp_path, monkeypatch
+    case, files, models, store, no_model, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
 
@@ -383,7 +406,7 @@ def test_bad_value_fails_before_the_model_in_one_line_naming_the_key(
     monkeypatch.chdir(launch)
 
     experiment = re.sub(r"[^\w.-]", "_", case.id)
-    overrides = fill(case.overrides, files=files, db=store, port=free_port())
+    overrides = fill(case.overrides, files=files, models=models, db=store, port=free_port())
     if not case.about_tracking:
         overrides += [f"tracking.tracking_uri={store}", f"tracking.experiment={experiment}"]
     cfg = compose_config("model=tiny-gpt2", *overrides)
@@ -478,8 +501,8 @@ def test_every_key_the_battery_named_exists(every_key):
     for c in CASES:
         key = PRODUCED.get(c.id, c.key)
         added = [p for p in plus_paths(c.overrides) if key == p or key.startswith(p + ".")]
-        if added:  # it names the key the user added, whose group exists
-            ok = added[0].split(".")[0] in every_key
+        if added:  # it names the key the user added, whose group exists (at the top: the key itself)
+            ok = "." not in added[0] or added[0].split(".")[0] in every_key
         else:
             ok = key in every_key
         report.append((c.id, key, "+" if added else "", ok))

@@ -104,7 +104,9 @@ class Analysis(ABC, BaseEstimator):
     """
 
     name: ClassVar[str]  # the option name, conf/analysis/<name>.yaml
-    groups: ClassVar[Mapping[str, type]] = {}  # config group -> its schema (a dataclass with validate())
+    # config group -> its schema: a dataclass with validate(), and check_fits(d_mlp) if it depends on
+    # the layer's width (called before loading when a local config.json gives the width, else after)
+    groups: ClassVar[Mapping[str, type]] = {}
     # readable name -> key of LayerResult.metrics: the about ten layer metrics logged as MLflow
     # metrics (L<l>/<name>), printed at the end and put in the run description; the rest of the
     # metrics go to the layer's summary table

@@ -49,6 +49,8 @@ class NeuronsConfig:
         """Once the layer width is known: a range or sample must lie inside it."""
         if self.select == "range" and self.start >= d_mlp:
             raise ConfigError("neurons.start", self.start, f"< d_mlp={d_mlp} (the range is empty)")
+        if self.select == "range" and self.stop is not None and self.stop > d_mlp:
+            raise ConfigError("neurons.stop", self.stop, f"<= d_mlp={d_mlp}, the layer's width (or null: to its end)")
         if self.shards > 1 and len(self.indices(d_mlp)) == 0:
             raise ConfigError("neurons.shards", self.shards, "at most the number of neurons of the range "
                               f"(shard {self.shard} is empty)")  # fmt: skip

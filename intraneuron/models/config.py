@@ -31,19 +31,19 @@ class ModelConfig:
                     "a .gguf file or a hub id)"
                 )
 
-    def depth(self) -> int | None:
-        """Number of layers, known without loading weights: n_layers or a local config.json."""
-        if self.n_layers is not None:
-            return self.n_layers
+    def shape(self) -> tuple[int | None, int | None]:
+        """(layers, neurons per layer), as far as known without loading weights: n_layers, and what
+        a local folder's config.json says. A hub id or .gguf: checked right after loading, still
+        before extraction."""
+        from intraneuron.models.adapters import adapter_for
+        from intraneuron.models.loading import PACKAGED, read_config
+
         location = Path(self.source).expanduser()
-        if (location / "config.json").is_file():
-            from transformers import AutoConfig
-
-            from intraneuron.models.adapters import adapter_for
-
-            config = AutoConfig.from_pretrained(str(location), trust_remote_code=self.trust_remote_code)
-            return adapter_for(config).n_layers(config)
-        return None  # a hub id or .gguf: checked right after loading, still before extraction
+        if self.source in PACKAGED or not (location / "config.json").is_file():
+            return self.n_layers, None
+        config = read_config(str(location), trust_remote_code=self.trust_remote_code)
+        adapter = adapter_for(config)
+        return (self.n_layers if self.n_layers is not None else adapter.n_layers(config)), adapter.d_mlp(config)
 
     def load(self):
         """The ModelHandle (tokenizer, model, adapter, fingerprint)."""

@@ -168,11 +168,43 @@ def looks_like_path(source: str) -> bool:
     )
 
 
-def _load_pretrained(location: str, torch_dtype: torch.dtype, hub_kwargs: dict[str, Any]):
-    """Config first (fail fast on unsupported architectures), then weights and tokenizer."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def read_config(location: str, config_file: Path | None = None, **hub_kwargs: Any):
+    """The model's transformers config, read without its weights (config_file: where its
+    config.json lies, for a hub id). A model_type this transformers does not know is a one-line
+    ConfigError instead of transformers' page of advice."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config = AutoConfig.from_pretrained(location, **hub_kwargs)
+    try:
+        return transformers.AutoConfig.from_pretrained(location, **hub_kwargs)
+    except ValueError:
+        declared = _read_json(config_file or Path(location) / "config.json")
+        model_type = declared.get("model_type")
+        if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+            raise
+        if "auto_map" in declared and not hub_kwargs.get("trust_remote_code"):
+            advice = "its config.json names code of its own (auto_map): set model.trust_remote_code=true to run it"
+        else:
+            advice = ("upgrade transformers, or set model.trust_remote_code=true (off by default) for a folder "
+                      "whose config.json names code of its own (auto_map)")
+        raise ConfigError("model.source", location, f"a model whose model_type transformers "
+                          f"{transformers.__version__} supports, not {model_type!r} ({advice})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        found = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _load_pretrained(location: str, torch_dtype: torch.dtype, hub_kwargs: dict[str, Any],
+                     config_file: Path | None = None):  # fmt: skip
+    """Config first (fail fast on unsupported architectures), then weights and tokenizer."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    config = read_config(location, config_file, **hub_kwargs)
     adapter = adapter_for(config)
     model_class = AutoModelForCausalLM if adapter.causal else AutoModel
     model = model_class.from_pretrained(location, config=config, dtype=torch_dtype, **hub_kwargs)
@@ -209,7 +241,7 @@ def _load_hub(
             f"(offline? set HF_HUB_OFFLINE=0 or pre-download it): {error}"
         ) from None
     commit = extract_commit_hash(config_file, None) or revision or "unknown"
-    model, tokenizer = _load_pretrained(model_id, torch_dtype, hub_kwargs)
+    model, tokenizer = _load_pretrained(model_id, torch_dtype, hub_kwargs, Path(config_file))
     return model, tokenizer, f"hub:{model_id}@{commit}"
 
 

@@ -128,6 +128,7 @@ def resolve(tcfg: TrackingConfig, base_dir: Path) -> ResolvedTracking:
             artifact_root = str(artifact_dir)
     location = None
     if artifact_root is not None:
+        _check_folder_name(str(tcfg.experiment), artifact_root)
         location = f"{artifact_root.rstrip('/')}/{_safe_dir_name(str(tcfg.experiment))}"
     return ResolvedTracking(uri, str(tcfg.experiment), location, db_file, artifact_dir)
 
@@ -140,6 +141,14 @@ def _check_sampling(tcfg: TrackingConfig) -> None:
         raise ConfigError(f"{KEY}.system_metrics_interval", interval, "a number of seconds > 0")
     if not isinstance(tcfg.skip_finished, bool):
         raise ConfigError(f"{KEY}.skip_finished", tcfg.skip_finished, "true or false")
+
+
+def _check_folder_name(experiment: str, artifact_root: str) -> None:
+    """The experiment names its artifact folder under the root: `..` would put the artifacts beside
+    the database (or anywhere up the tree), `.` into the root itself, among every experiment's."""
+    if experiment in (".", "..") or any(sep in experiment for sep in ("/", "\\")):
+        raise ConfigError(f"{KEY}.experiment", experiment,
+                          f"a name without '/' or '\\', other than '.' and '..' (it names a folder in {artifact_root})")
 
 
 def _safe_dir_name(name: str) -> str:
@@ -194,11 +203,13 @@ def check_not_relocated(resolved: ResolvedTracking, location: str) -> None:
     if not (copied or moved):
         return  # an artifact root chosen on purpose earlier: the user's to keep
     how = f"a copy of {original_store}" if copied else f"moved from {recorded.parent.parent}"
+    # named by the experiment: tracking.artifact_root is unset here, and the folder MLflow recorded
+    # for the experiment when it was made is what sends its artifacts away
     raise ConfigError(
-        f"{KEY}.artifact_root", None,
-        f"an artifact folder inside this project: the store {resolved.sqlite_file} is {how}, and its "
-        f"experiment {resolved.experiment!r} still writes artifacts to {recorded}. Start a new "
-        f"experiment here (tracking.experiment=<new name>) or keep writing there on purpose "
+        f"{KEY}.experiment", resolved.experiment,
+        f"an experiment whose artifacts stay in this project: the store {resolved.sqlite_file} is {how}, "
+        f"and this experiment still writes its artifacts to {recorded}. Start a new experiment here "
+        f"(tracking.experiment=<new name>) or keep writing there on purpose "
         f"(tracking.artifact_root={recorded.parent})",
     )
 

@@ -66,9 +66,6 @@ class NeuronStatsAnalysis(Analysis):
                 f"<= extraction.top_k={run.extraction.top_k} (occurrences kept per neuron)",
             )  # fmt: skip
 
-    def check_model(self, run, handle) -> None:
-        run.groups["neurons"].check_fits(handle.d_mlp)
-
     def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
         neurons = job.run.groups["neurons"].indices(profile.d_mlp)  # [m]
         table = neuron_table(profile, neurons)

@@ -109,9 +109,6 @@ class TwoFoldAnalysis(Analysis):
                 "embedding.source", "layer_input", "another source while extraction.input_site is null"
             )
 
-    def check_model(self, run, handle) -> None:
-        run.groups["neurons"].check_fits(handle.d_mlp)
-
     def prepare(self, job: Job) -> None:
         """The neuron settings, clusterer, filters, WordNet labels and (unless per layer) the
         vectors: everything that can fail on a missing file or checkpoint, before the pass."""
