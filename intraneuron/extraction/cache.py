@@ -5,9 +5,9 @@ hash, window length, layer, sites, reducer settings, engine version) and nothing
 over analysis-only settings (thresholds, clustering, segmentation) extracts once. An entry is a
 folder `<root>/profiles/<key>/` holding `profile.safetensors` and `manifest.json`; it appears by
 a single directory rename, so a crash never leaves a half-written entry under a valid key, and a
-corrupt one (checksum mismatch of the tensors or of the manifest, unreadable) is deleted and rebuilt
-rather than trusted. Temporary folders of killed writers are reclaimed when a cache is opened, and a
-per-key lock lets concurrent jobs on one key extract once.
+corrupt one (a manifest field missing, checksum mismatch of the tensors or of the manifest,
+unreadable) is deleted and rebuilt rather than trusted. Temporary folders of killed writers are
+reclaimed when a cache is opened, and a per-key lock lets concurrent jobs on one key extract once.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 ENGINE_VERSION = 3  # bump when a change to the engine changes the numbers it writes or the key
 
 
+# what `save` writes besides the metadata (under TensorCache.metadata_key); `load` requires them all
+MANIFEST_FIELDS = ("key", "key_fields", "engine_version", "sha256", "versions", "manifest_sha256")
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 3600.0  # a save takes seconds: a temporary folder this old was abandoned
 
@@ -176,22 +178,34 @@ class TensorCache:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, key: str) -> tuple[dict, dict] | None:
-        """(tensors, metadata) of an entry, or None when absent; a corrupt one is removed."""
+        """(tensors, metadata) of an entry (see `decode`), or None when absent; a corrupt one (a
+        manifest field missing, a checksum that does not verify, unreadable) is removed."""
         entry = self.entry(key)
         if not entry.exists():
             return None
         try:
             manifest = json.loads((entry / "manifest.json").read_text())
-            if "manifest_sha256" in manifest and manifest_sha256(manifest) != manifest["manifest_sha256"]:
-                raise ValueError("manifest checksum mismatch")  # entries before the field are accepted
+            # every entry under a current key was written with all of these (ENGINE_VERSION 3 came
+            # after the manifest checksum): one that lacks any was damaged, and is not trusted
+            missing = [f for f in (*MANIFEST_FIELDS, self.metadata_key) if f not in manifest]
+            if missing:
+                raise ValueError(f"manifest lacks {', '.join(missing)}")
+            if manifest_sha256(manifest) != manifest["manifest_sha256"]:
+                raise ValueError("manifest checksum mismatch")
+            if manifest["key"] != key:
+                raise ValueError(f"manifest of key {manifest['key']!r}")
             tensor_file = entry / self.tensor_file
             if file_sha256(tensor_file) != manifest["sha256"]:
                 raise ValueError("checksum mismatch")
-            return load_file(tensor_file), manifest[self.metadata_key]
+            return self.decode(load_file(tensor_file), manifest[self.metadata_key])
         except Exception as err:  # any damage means: rebuild
             log.warning("cache entry %s is corrupt (%s); removing it and rebuilding", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
+
+    def decode(self, tensors: dict, metadata: dict):
+        """What `load` returns for a verified entry; metadata it cannot take means a corrupt entry."""
+        return tensors, metadata
 
     def save(self, key: str, tensors: dict, metadata: dict, key_fields: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -236,8 +250,10 @@ class ProfileCache(TensorCache):
 
     def load(self, key: str) -> ActivationProfile | None:
         """The cached profile, or None when absent; a corrupt entry is removed (and None returned)."""
-        hit = super().load(key)
-        return None if hit is None else ActivationProfile(tensors=hit[0], **hit[1])
+        return super().load(key)
+
+    def decode(self, tensors: dict, metadata: dict) -> ActivationProfile:
+        return ActivationProfile(tensors=tensors, **metadata)
 
     def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
         return super().save(key, profile.tensors, profile.metadata(), key_fields)
