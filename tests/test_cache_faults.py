@@ -216,6 +216,44 @@ def test_an_entry_with_a_missing_field_or_a_failed_checksum_is_rebuilt(
 # ------------------------------------------------------------------ two jobs on one key
 
 
+_HOLD_LOCK = """
+import sys
+from intraneuron.extraction.cache import ProfileCache
+with ProfileCache(sys.argv[1]).locked([sys.argv[2]]):
+    print("held", flush=True)
+    sys.stdin.readline()  # until told to finish
+"""
+
+
+def _lock_holder(root, key: str) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root), key], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_lock_files_of_killed_jobs_go_when_a_cache_is_opened_and_held_ones_stay(tmp_path):
+    killed, live = _lock_holder(tmp_path, "a" * 32), _lock_holder(tmp_path, "b" * 32)
+    try:
+        root = tmp_path / "profiles"
+        live_inode = (root / f".lock-{'b' * 32}").stat().st_ino
+        killed.kill()  # SIGKILL: no chance to remove its lock file
+        killed.wait()
+        assert (root / f".lock-{'a' * 32}").exists()
+
+        ProfileCache(tmp_path)  # what the next job does first; it does not wait for the live lock
+        assert [p.name for p in root.iterdir()] == [f".lock-{'b' * 32}"]
+        assert (root / f".lock-{'b' * 32}").stat().st_ino == live_inode  # still the one held
+        live.communicate("\n", timeout=60)  # a job that finishes takes its lock file with it
+        assert live.returncode == 0 and list(root.iterdir()) == []
+    finally:
+        for holder in (killed, live):
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+
+
+
 def _job(handle, windows, cache_root, out, barrier):
     try:
         torch.set_num_threads(1)

@@ -7,7 +7,8 @@ folder `<root>/profiles/<key>/` holding `profile.safetensors` and `manifest.json
 a single directory rename, so a crash never leaves a half-written entry under a valid key, and a
 corrupt one (a manifest field missing, checksum mismatch of the tensors or of the manifest,
 unreadable) is deleted and rebuilt rather than trusted. Temporary folders of killed writers are
-reclaimed when a cache is opened, and a per-key lock lets concurrent jobs on one key extract once.
+reclaimed when a cache is opened, and a per-key lock lets concurrent jobs on one key extract once;
+its file goes with its release, and lock files of killed jobs no one holds when a cache is opened.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ ENGINE_VERSION = 3  # bump when a change to the engine changes the numbers it wr
 # what `save` writes besides the metadata (under TensorCache.metadata_key); `load` requires them all
 MANIFEST_FIELDS = ("key", "key_fields", "engine_version", "sha256", "versions", "manifest_sha256")
 TMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"
 STALE_TMP_SECONDS = 3600.0  # a save takes seconds: a temporary folder this old was abandoned
 
 
@@ -82,6 +84,36 @@ def _probe_write(folder: Path) -> None:
     os.unlink(name)
 
 
+def _acquire(path: Path, wait: bool) -> int | None:
+    """A descriptor holding the exclusive lock on the file at `path` (created if absent); None when
+    another process holds it and `wait` is false."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            log.info("cache %s: waiting for another job writing entry %s", path.parent, path.name[len(LOCK_PREFIX):])
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # the holder unlinks the file before releasing it: retry unless ours is still the file there
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    """Unlink the lock file, then release it: a waiter on the unlinked file sees it is gone and retries."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)  # releases the lock
+
+
 class TensorCache:
     """Entries `<root>/<folder>/<key>/` of named tensors (`tensors.safetensors`) and a JSON
     manifest (what they are, the key's fields, the checksum), written and verified as above."""
@@ -92,6 +124,7 @@ class TensorCache:
     def __init__(self, root: Path, folder: str):
         self.root = Path(root) / folder
         self.reclaim_stale_tmp()
+        self.reclaim_stale_locks()
 
     def writable(self) -> bool:
         """Whether saves can succeed, checked before a long pass so that it is not lost at the end."""
@@ -141,28 +174,36 @@ class TensorCache:
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".lock-{key}"
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("cache %s: waiting for another job writing entry %s", self.root, key)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            # the holder unlinks the file before releasing it: retry unless ours is still the file there
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
+        path = self.root / f"{LOCK_PREFIX}{key}"
+        fd = _acquire(path, wait=True)
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)  # releases the lock
+            _release(path, fd)
+
+    def reclaim_stale_locks(self) -> list[Path]:
+        """Remove `.lock-*` files that no job holds: a job killed by SIGKILL (the OOM killer, a
+        launcher stopping its workers) could not remove its own. Taking such a lock without
+        waiting and releasing it is what its holder would have done; a held one is left alone.
+        Best effort: a read-only cache keeps them."""
+        removed = []
+        if fcntl is None:
+            return removed
+        try:
+            candidates = [p for p in self.root.iterdir() if p.name.startswith(LOCK_PREFIX)]
+        except OSError:
+            return removed
+        for path in candidates:
+            try:
+                fd = _acquire(path, wait=False)
+            except OSError:
+                continue
+            if fd is not None:
+                _release(path, fd)
+                removed.append(path)
+        if removed:
+            log.info("cache %s: removed %d lock file(s) left by killed jobs", self.root, len(removed))
+        return removed
 
     def entry(self, key: str) -> Path:
         return self.root / key
