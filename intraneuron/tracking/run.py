@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 HOST_TAG = "intraneuron.host"  # with PID_TAG: which process holds a RUNNING run (`intraneuron stale`)
 PID_TAG = "intraneuron.pid"
+KILLED_RUN_ATTR = "killed_run_id"  # set on the KeyboardInterrupt of a run that was marked KILLED
 ERROR_TAG_LENGTH = 1000  # the full traceback goes to ERROR_TEXT; the tag only has to read well in the UI
 
 R = TypeVar("R")
@@ -108,11 +109,13 @@ def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> Non
         log.warning("could not record the failure of run %s in MLflow", run_id, exc_info=True)
 
 
-def _end_run(client: MlflowClient, run_id: str, status: str) -> None:
+def _end_run(client: MlflowClient, run_id: str, status: str) -> bool:
     try:
         client.set_terminated(run_id, status=status)
     except Exception:
         log.warning("could not mark run %s as %s in MLflow", run_id, status, exc_info=True)
+        return False
+    return True
 
 
 def _yaml(data: Any) -> str:
@@ -191,6 +194,14 @@ def write_run_info(
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a scheduler cancelling the job): the run ends KILLED, as on Ctrl-C."""
+
+
+def stopped(stop: KeyboardInterrupt) -> str:
+    """What stopped the process, and the run it marked KILLED: none when it came before the run
+    existed (or the store refused the status), so the line claims only what happened."""
+    cause = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C (SIGINT)"
+    run_id = getattr(stop, KILLED_RUN_ATTR, None)
+    return f"stopped by {cause}" + (f"; its MLflow run {run_id} is marked KILLED" if run_id else "")
 
 
 @contextmanager
@@ -276,7 +287,8 @@ def tracked_run(
             stop_system_metrics(monitor)
             if failure is not None:
                 record_failure(client, run_id, failure)
-            _end_run(client, run_id, status)
+            if _end_run(client, run_id, status) and isinstance(failure, KeyboardInterrupt):
+                setattr(failure, KILLED_RUN_ATTR, run_id)  # for the command's last line (`stopped`)
 
 
 class TaskFailed(RuntimeError):
