@@ -95,7 +95,7 @@ def main():
     try:
         return hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: a run that had started is already ended KILLED
-        from intraneuron.tracking.run import Terminated, stopped
+        from intraneuron.tracking.signals import Terminated, stopped
 
         code = 143 if isinstance(stop, Terminated) else 130  # the shell's 128 + signal number
         print(f"intraneuron: {stopped(stop)}", file=sys.stderr)

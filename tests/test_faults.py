@@ -104,6 +104,52 @@ def test_ctrl_c_before_the_run_exists_claims_no_killed_run(tmp_path: Path):
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+def test_sigterm_to_a_multirun_ends_its_parent_run_and_running_jobs_killed(tmp_path: Path):
+    # joblib with 2 processes (1 runs the jobs in-process): the launching process only waits on workers
+    command, env, uri = _job(tmp_path, "layer=0,1", "extraction.batch_size=1", "hydra/launcher=parallel",
+                             "hydra.launcher.n_jobs=2")  # fmt: skip
+    log = tmp_path / "sweep.log"  # a file, not a pipe: the workers would hold a pipe open after the sweep
+    with log.open("w") as out:
+        sweep = subprocess.Popen([*command[:3], "--multirun", *command[3:]], cwd=tmp_path, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        client, parent, child = wait_for_sweep(sweep, uri, tmp_path)
+        os.kill(sweep.pid, signal.SIGTERM)
+        sweep.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)  # the workers too, whatever became of them
+        sweep.wait()
+    output = log.read_text()
+    ended = client.get_run(parent.info.run_id)
+    assert ended.info.status == "KILLED", output[-3000:]
+    assert sweep.returncode == 143, output[-3000:]
+    assert "intraneuron: stopped by SIGTERM\n" in output, output[-3000:]
+    assert ended.data.tags["error"] == "the sweep was stopped by SIGTERM"
+    assert f"MLflow sweep run {parent.info.run_id}: the sweep was stopped by SIGTERM and is marked KILLED" in output
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+
+
+def wait_for_sweep(sweep: subprocess.Popen, uri: str, folder: Path):
+    """A client of the sweep's store, its parent run and its first job's run, once that job is RUNNING."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if sweep.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed: {(folder / 'sweep.log').read_text()[-2000:]}")
+        # the parent's id file is written once the store is made: a client made earlier would race its creation
+        if not list(folder.glob("multirun/*/*/mlflow_parent_run_id")):
+            time.sleep(0.5)
+            continue
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") and r.info.status == "RUNNING"]
+        if parents and children:
+            return client, parents[0], children[0]
+        time.sleep(0.5)
+    pytest.fail("the sweep did not start its first job in time")
+
+
 def wait_for_open_file(job: subprocess.Popen, path: Path) -> None:
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline:

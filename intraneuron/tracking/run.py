@@ -11,11 +11,9 @@ import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ from intraneuron.tracking.hydra_job import (
 )
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags, truncate
+from intraneuron.tracking.signals import KILLED_RUN_ATTR, sigterm_as_interrupt
 
 # Callers that predate the split import these from here.
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve  # noqa: F401
@@ -50,7 +49,6 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 HOST_TAG = "intraneuron.host"  # with PID_TAG: which process holds a RUNNING run (`intraneuron stale`)
 PID_TAG = "intraneuron.pid"
-KILLED_RUN_ATTR = "killed_run_id"  # set on the KeyboardInterrupt of a run that was marked KILLED
 ERROR_TAG_LENGTH = 1000  # the full traceback goes to ERROR_TEXT; the tag only has to read well in the UI
 
 R = TypeVar("R")
@@ -190,37 +188,6 @@ def write_run_info(
         log.warning("could not write %s", path, exc_info=True)
         return None
     return path
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler cancelling the job): the run ends KILLED, as on Ctrl-C."""
-
-
-def stopped(stop: KeyboardInterrupt) -> str:
-    """What stopped the process, and the run it marked KILLED: none when it came before the run
-    existed (or the store refused the status), so the line claims only what happened."""
-    cause = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C (SIGINT)"
-    run_id = getattr(stop, KILLED_RUN_ATTR, None)
-    return f"stopped by {cause}" + (f"; its MLflow run {run_id} is marked KILLED" if run_id else "")
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` while the block runs, so the run's `finally` records it
-    instead of the process dying with the run left RUNNING forever. Signal handlers can only be
-    set from the main thread; elsewhere (a thread-based launcher) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, _frame):
-        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
