@@ -94,11 +94,11 @@ def main():
         raise SystemExit(report_main(sys.argv[1:]))
     try:
         return hydra_main()
-    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: the run is already ended KILLED
-        from intraneuron.tracking.run import Terminated
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: a run that had started is already ended KILLED
+        from intraneuron.tracking.signals import Terminated, stopped
 
         code = 143 if isinstance(stop, Terminated) else 130  # the shell's 128 + signal number
-        print(f"intraneuron: stopped ({stop or 'interrupted'}); the MLflow run is marked KILLED", file=sys.stderr)
+        print(f"intraneuron: {stopped(stop)}", file=sys.stderr)
         raise SystemExit(code) from None
 
 

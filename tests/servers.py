@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -306,7 +307,8 @@ class LocalRayCluster:
 
     `address` ("127.0.0.1:<port>") is what RAY_ADDRESS or `hydra.launcher.ray.init.address` take.
     Ray workers inherit the environment of the cluster, not of the driver: pass what jobs need
-    (INTRANEURON_CACHE, HF_HUB_OFFLINE, ...) in `env`. Stopping sends SIGTERM to `ray start`
+    (INTRANEURON_CACHE, HF_HUB_OFFLINE, ...) in `env`. The cluster and its drivers (`driver_env`)
+    share a token of their own, so that none of them reads the user's Ray state (`auth_env`). Stopping sends SIGTERM to `ray start`
     (which tears its services down), then kills by id every process of the cluster that is left:
     the descendants of `ray start` and every process whose command line names this cluster's
     temporary directory or GCS port (a worker re-parented to init still does).
@@ -327,6 +329,7 @@ class LocalRayCluster:
         self.temp_dir: Path | None = None
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self.token = secrets.token_hex(16)
 
     @property
     def address(self) -> str:
@@ -338,7 +341,17 @@ class LocalRayCluster:
 
     def driver_env(self) -> dict[str, str]:
         """What a driver's environment needs to use this cluster over 127.0.0.1."""
-        return {"RAY_ADDRESS": self.address, **LOOPBACK_ONLY}
+        return {"RAY_ADDRESS": self.address, **LOOPBACK_ONLY, **self.auth_env()}
+
+    def auth_env(self) -> dict[str, str]:
+        """Token authentication on, with this cluster's own token, for the cluster and its drivers.
+
+        Left to itself, Ray turns token authentication on for `ray start` whenever a token file
+        ~/.ray/auth_token exists (any earlier `ray.init()` writes one), but not for a driver given an
+        address, which then sends none: the cluster refused its own drivers (InvalidAuthToken). The
+        RAY_AUTH_TOKEN variable wins over any token file, so both sides agree whatever ~/.ray holds.
+        """
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
 
     def __enter__(self) -> LocalRayCluster:
         return self.start()
@@ -359,6 +372,7 @@ class LocalRayCluster:
         }
         env.update(self.extra_env)
         env.update(LOOPBACK_ONLY)
+        env.update(self.auth_env())
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         command = [
             ray_bin(), "start", "--head", "--block", "--disable-usage-stats",

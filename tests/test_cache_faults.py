@@ -131,6 +131,16 @@ def _profile():
 # ------------------------------------------------------------------ a tampered manifest
 
 
+def _rerun(handle, windows, cache):
+    """The extraction again, and the forward passes it made (none when the cache was trusted)."""
+    forwards = []
+    hook = handle.model.transformer.wte.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        return extract_profiles(handle, windows, [0], SETTINGS, cache), forwards
+    finally:
+        hook.remove()
+
+
 def test_an_edited_manifest_is_a_miss_and_the_rerun_restores_the_entry(
     tiny_gpt2, small_windows, uncached, tmp_path, caplog
 ):
@@ -144,12 +154,7 @@ def test_an_edited_manifest_is_a_miss_and_the_rerun_restores_the_entry(
     bad["profile"]["window_len"] += 1  # tensors untouched: only the manifest checksum can tell
     manifest_file.write_text(json.dumps(bad, indent=2))
 
-    forwards = []
-    hook = tiny_gpt2.model.transformer.wte.register_forward_hook(lambda *_: forwards.append(1))
-    try:
-        rerun = extract_profiles(tiny_gpt2, small_windows, [0], SETTINGS, cache)
-    finally:
-        hook.remove()
+    rerun, forwards = _rerun(tiny_gpt2, small_windows, cache)
     assert forwards  # recomputed, not trusted
     assert "manifest checksum mismatch" in caplog.text and str(entry) in caplog.text
     _assert_same(rerun, uncached)
@@ -161,17 +166,92 @@ def test_an_edited_manifest_is_a_miss_and_the_rerun_restores_the_entry(
     assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]  # no tmp, no lock left
 
 
-def test_entries_without_a_manifest_checksum_are_still_read(tiny_gpt2, small_windows, tmp_path):
+def _drop_checksum(entry):
+    manifest = json.loads((entry / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _drop_checksum_and_edit(entry):  # an edit nothing could tell without the manifest checksum
+    manifest = json.loads((entry / "manifest.json").read_text())
+    del manifest["manifest_sha256"]
+    manifest["profile"]["window_len"] *= 4
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _drop_field(entry):
+    manifest = json.loads((entry / "manifest.json").read_text())
+    del manifest["profile"]["n_tokens"]
+    manifest["manifest_sha256"] = cache_module.manifest_sha256(manifest)  # verifies, yet lacks a field
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_tensors(entry):
+    tensor_file = entry / "profile.safetensors"
+    data = bytearray(tensor_file.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor
+    tensor_file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_drop_checksum, _drop_checksum_and_edit, _drop_field, _edit_tensors])
+def test_an_entry_with_a_missing_field_or_a_failed_checksum_is_rebuilt(
+    tiny_gpt2, small_windows, uncached, tmp_path, caplog, damage
+):
     cache = ProfileCache(tmp_path)
     extract_profiles(tiny_gpt2, small_windows, [0], SETTINGS, cache)
     (entry,) = _entries(cache)
-    manifest = json.loads((entry / "manifest.json").read_text())
-    del manifest["manifest_sha256"]  # as written before the field existed
-    (entry / "manifest.json").write_text(json.dumps(manifest))
-    assert cache.load(entry.name) is not None
+    damage(entry)
+
+    rerun, forwards = _rerun(tiny_gpt2, small_windows, cache)
+    assert forwards  # rebuilt, not trusted
+    warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+    assert len(warnings) == 1 and str(entry) in warnings[0]
+    _assert_same(rerun, uncached)
+    assert rerun[0].window_len == small_windows.window_len and rerun[0].n_tokens == uncached[0].n_tokens
+    restored = json.loads((entry / "manifest.json").read_text())
+    assert restored["manifest_sha256"] == cache_module.manifest_sha256(restored)
+    _assert_same({0: cache.load(entry.name)}, uncached)  # the rebuilt entry is read back as is
 
 
 # ------------------------------------------------------------------ two jobs on one key
+
+
+_HOLD_LOCK = """
+import sys
+from intraneuron.extraction.cache import ProfileCache
+with ProfileCache(sys.argv[1]).locked([sys.argv[2]]):
+    print("held", flush=True)
+    sys.stdin.readline()  # until told to finish
+"""
+
+
+def _lock_holder(root, key: str) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(root), key], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_lock_files_of_killed_jobs_go_when_a_cache_is_opened_and_held_ones_stay(tmp_path):
+    killed, live = _lock_holder(tmp_path, "a" * 32), _lock_holder(tmp_path, "b" * 32)
+    try:
+        root = tmp_path / "profiles"
+        live_inode = (root / f".lock-{'b' * 32}").stat().st_ino
+        killed.kill()  # SIGKILL: no chance to remove its lock file
+        killed.wait()
+        assert (root / f".lock-{'a' * 32}").exists()
+
+        ProfileCache(tmp_path)  # what the next job does first; it does not wait for the live lock
+        assert [p.name for p in root.iterdir()] == [f".lock-{'b' * 32}"]
+        assert (root / f".lock-{'b' * 32}").stat().st_ino == live_inode  # still the one held
+        live.communicate("\n", timeout=60)  # a job that finishes takes its lock file with it
+        assert live.returncode == 0 and list(root.iterdir()) == []
+    finally:
+        for holder in (killed, live):
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+
 
 
 def _job(handle, windows, cache_root, out, barrier):

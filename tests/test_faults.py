@@ -5,6 +5,8 @@ rerun completes."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -66,7 +69,9 @@ def test_sigterm_or_ctrl_c_mid_extraction_marks_the_run_killed(tmp_path: Path, s
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert job.returncode == 128 + signum, output[-2000:]  # as a shell reports a job stopped by it
-    assert "Traceback" not in output and "the MLflow run is marked KILLED" in output, output[-2000:]
+    cause = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+    said = f"intraneuron: stopped by {cause}; its MLflow run {run.info.run_id} is marked KILLED\n"
+    assert "Traceback" not in output and said in output, output[-2000:]
     ended = MlflowClient(uri).get_run(run.info.run_id)
     assert ended.info.status == "KILLED", output[-2000:]
     if signum == signal.SIGTERM:
@@ -75,6 +80,86 @@ def test_sigterm_or_ctrl_c_mid_extraction_marks_the_run_killed(tmp_path: Path, s
     assert not profiles.exists() or not [p for p in profiles.iterdir() if not p.name.startswith(".")]
     if signum == signal.SIGTERM:
         rerun_completes(tmp_path)
+
+
+def test_ctrl_c_before_the_run_exists_claims_no_killed_run(tmp_path: Path):
+    command, env, uri = _job(tmp_path)
+    gate = tmp_path / "mlflow.db.init-lock"  # the store's first-connection lock, taken before any run
+    with gate.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the job waits on it in open_experiment, its run not created
+        job = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+        try:
+            wait_for_open_file(job, gate)
+            os.kill(job.pid, signal.SIGINT)
+            output, _ = job.communicate(timeout=60)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+    assert job.returncode == 130, output[-2000:]
+    assert output.endswith("intraneuron: stopped by Ctrl-C (SIGINT)\n"), output[-2000:]
+    assert "KILLED" not in output and "Traceback" not in output, output[-2000:]
+    client = MlflowClient(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_sigterm_to_a_multirun_ends_its_parent_run_and_running_jobs_killed(tmp_path: Path):
+    # joblib with 2 processes (1 runs the jobs in-process): the launching process only waits on workers
+    command, env, uri = _job(tmp_path, "layer=0,1", "extraction.batch_size=1", "hydra/launcher=parallel",
+                             "hydra.launcher.n_jobs=2")  # fmt: skip
+    log = tmp_path / "sweep.log"  # a file, not a pipe: the workers would hold a pipe open after the sweep
+    with log.open("w") as out:
+        sweep = subprocess.Popen([*command[:3], "--multirun", *command[3:]], cwd=tmp_path, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        client, parent, child = wait_for_sweep(sweep, uri, tmp_path)
+        os.kill(sweep.pid, signal.SIGTERM)
+        sweep.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sweep.pid, signal.SIGKILL)  # the workers too, whatever became of them
+        sweep.wait()
+    output = log.read_text()
+    ended = client.get_run(parent.info.run_id)
+    assert ended.info.status == "KILLED", output[-3000:]
+    assert sweep.returncode == 143, output[-3000:]
+    assert "intraneuron: stopped by SIGTERM\n" in output, output[-3000:]
+    assert ended.data.tags["error"] == "the sweep was stopped by SIGTERM"
+    assert f"MLflow sweep run {parent.info.run_id}: the sweep was stopped by SIGTERM and is marked KILLED" in output
+    assert client.get_run(child.info.run_id).info.status == "KILLED"
+
+
+def wait_for_sweep(sweep: subprocess.Popen, uri: str, folder: Path):
+    """A client of the sweep's store, its parent run and its first job's run, once that job is RUNNING."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if sweep.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed: {(folder / 'sweep.log').read_text()[-2000:]}")
+        # the parent's id file is written once the store is made: a client made earlier would race its creation
+        if not list(folder.glob("multirun/*/*/mlflow_parent_run_id")):
+            time.sleep(0.5)
+            continue
+        client = MlflowClient(uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") and r.info.status == "RUNNING"]
+        if parents and children:
+            return client, parents[0], children[0]
+        time.sleep(0.5)
+    pytest.fail("the sweep did not start its first job in time")
+
+
+def wait_for_open_file(job: subprocess.Popen, path: Path) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if job.poll() is not None:
+            pytest.fail(f"the job ended before it reached {path.name}: {job.stdout.read()[-2000:]}")
+        with contextlib.suppress(psutil.Error):
+            if str(path.resolve()) in {f.path for f in psutil.Process(job.pid).open_files()}:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"the job did not open {path} in time")
 
 
 def wait_for_extraction(job: subprocess.Popen, client: MlflowClient, folder: Path):

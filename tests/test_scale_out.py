@@ -179,12 +179,16 @@ def test_ray_ports_are_distinct_and_outside_the_workers_band():
     assert worker_port_band(crowded) == (20000, 20099)
 
 
-def test_local_ray_cluster_runs_a_task_and_stops_by_pid():
-    cluster = LocalRayCluster(num_cpus=1)
+def test_local_ray_cluster_runs_a_task_and_stops_by_pid(tmp_path):
+    # on a machine where Ray ran before: a token file that neither the cluster nor its driver may use
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a-token-of-another-cluster")
+    home = {"HOME": str(tmp_path)}
+    cluster = LocalRayCluster(num_cpus=1, env=home)
     with cluster:
         script = "import ray; ray.init(); print(ray.get(ray.remote(lambda: 41 + 1).remote()))"
         done = subprocess.run(
-            [sys.executable, "-c", script], env={**os.environ, **cluster.driver_env()},
+            [sys.executable, "-c", script], env={**os.environ, **home, **cluster.driver_env()},
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
         processes = cluster._processes()

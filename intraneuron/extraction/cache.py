@@ -5,9 +5,10 @@ hash, window length, layer, sites, reducer settings, engine version) and nothing
 over analysis-only settings (thresholds, clustering, segmentation) extracts once. An entry is a
 folder `<root>/profiles/<key>/` holding `profile.safetensors` and `manifest.json`; it appears by
 a single directory rename, so a crash never leaves a half-written entry under a valid key, and a
-corrupt one (checksum mismatch of the tensors or of the manifest, unreadable) is deleted and rebuilt
-rather than trusted. Temporary folders of killed writers are reclaimed when a cache is opened, and a
-per-key lock lets concurrent jobs on one key extract once.
+corrupt one (a manifest field missing, checksum mismatch of the tensors or of the manifest,
+unreadable) is deleted and rebuilt rather than trusted. Temporary folders of killed writers are
+reclaimed when a cache is opened, and a per-key lock lets concurrent jobs on one key extract once;
+its file goes with its release, and lock files of killed jobs no one holds when a cache is opened.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ log = logging.getLogger(__name__)
 ENGINE_VERSION = 3  # bump when a change to the engine changes the numbers it writes or the key
 
 
+# what `save` writes besides the metadata (under TensorCache.metadata_key); `load` requires them all
+MANIFEST_FIELDS = ("key", "key_fields", "engine_version", "sha256", "versions", "manifest_sha256")
 TMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"
 STALE_TMP_SECONDS = 3600.0  # a save takes seconds: a temporary folder this old was abandoned
 
 
@@ -80,6 +84,36 @@ def _probe_write(folder: Path) -> None:
     os.unlink(name)
 
 
+def _acquire(path: Path, wait: bool) -> int | None:
+    """A descriptor holding the exclusive lock on the file at `path` (created if absent); None when
+    another process holds it and `wait` is false."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
+            log.info("cache %s: waiting for another job writing entry %s", path.parent, path.name[len(LOCK_PREFIX):])
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        # the holder unlinks the file before releasing it: retry unless ours is still the file there
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release(path: Path, fd: int) -> None:
+    """Unlink the lock file, then release it: a waiter on the unlinked file sees it is gone and retries."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)  # releases the lock
+
+
 class TensorCache:
     """Entries `<root>/<folder>/<key>/` of named tensors (`tensors.safetensors`) and a JSON
     manifest (what they are, the key's fields, the checksum), written and verified as above."""
@@ -90,6 +124,7 @@ class TensorCache:
     def __init__(self, root: Path, folder: str):
         self.root = Path(root) / folder
         self.reclaim_stale_tmp()
+        self.reclaim_stale_locks()
 
     def writable(self) -> bool:
         """Whether saves can succeed, checked before a long pass so that it is not lost at the end."""
@@ -139,28 +174,36 @@ class TensorCache:
             yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f".lock-{key}"
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("cache %s: waiting for another job writing entry %s", self.root, key)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            # the holder unlinks the file before releasing it: retry unless ours is still the file there
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
+        path = self.root / f"{LOCK_PREFIX}{key}"
+        fd = _acquire(path, wait=True)
         try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            os.close(fd)  # releases the lock
+            _release(path, fd)
+
+    def reclaim_stale_locks(self) -> list[Path]:
+        """Remove `.lock-*` files that no job holds: a job killed by SIGKILL (the OOM killer, a
+        launcher stopping its workers) could not remove its own. Taking such a lock without
+        waiting and releasing it is what its holder would have done; a held one is left alone.
+        Best effort: a read-only cache keeps them."""
+        removed = []
+        if fcntl is None:
+            return removed
+        try:
+            candidates = [p for p in self.root.iterdir() if p.name.startswith(LOCK_PREFIX)]
+        except OSError:
+            return removed
+        for path in candidates:
+            try:
+                fd = _acquire(path, wait=False)
+            except OSError:
+                continue
+            if fd is not None:
+                _release(path, fd)
+                removed.append(path)
+        if removed:
+            log.info("cache %s: removed %d lock file(s) left by killed jobs", self.root, len(removed))
+        return removed
 
     def entry(self, key: str) -> Path:
         return self.root / key
@@ -176,22 +219,34 @@ class TensorCache:
         shutil.rmtree(doomed, ignore_errors=True)
 
     def load(self, key: str) -> tuple[dict, dict] | None:
-        """(tensors, metadata) of an entry, or None when absent; a corrupt one is removed."""
+        """(tensors, metadata) of an entry (see `decode`), or None when absent; a corrupt one (a
+        manifest field missing, a checksum that does not verify, unreadable) is removed."""
         entry = self.entry(key)
         if not entry.exists():
             return None
         try:
             manifest = json.loads((entry / "manifest.json").read_text())
-            if "manifest_sha256" in manifest and manifest_sha256(manifest) != manifest["manifest_sha256"]:
-                raise ValueError("manifest checksum mismatch")  # entries before the field are accepted
+            # every entry under a current key was written with all of these (ENGINE_VERSION 3 came
+            # after the manifest checksum): one that lacks any was damaged, and is not trusted
+            missing = [f for f in (*MANIFEST_FIELDS, self.metadata_key) if f not in manifest]
+            if missing:
+                raise ValueError(f"manifest lacks {', '.join(missing)}")
+            if manifest_sha256(manifest) != manifest["manifest_sha256"]:
+                raise ValueError("manifest checksum mismatch")
+            if manifest["key"] != key:
+                raise ValueError(f"manifest of key {manifest['key']!r}")
             tensor_file = entry / self.tensor_file
             if file_sha256(tensor_file) != manifest["sha256"]:
                 raise ValueError("checksum mismatch")
-            return load_file(tensor_file), manifest[self.metadata_key]
+            return self.decode(load_file(tensor_file), manifest[self.metadata_key])
         except Exception as err:  # any damage means: rebuild
             log.warning("cache entry %s is corrupt (%s); removing it and rebuilding", entry, err)
             shutil.rmtree(entry, ignore_errors=True)
             return None
+
+    def decode(self, tensors: dict, metadata: dict):
+        """What `load` returns for a verified entry; metadata it cannot take means a corrupt entry."""
+        return tensors, metadata
 
     def save(self, key: str, tensors: dict, metadata: dict, key_fields: dict) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -234,8 +289,10 @@ class ProfileCache(TensorCache):
 
     def load(self, key: str) -> ActivationProfile | None:
         """The cached profile, or None when absent; a corrupt entry is removed (and None returned)."""
-        hit = super().load(key)
-        return None if hit is None else ActivationProfile(tensors=hit[0], **hit[1])
+        return super().load(key)
+
+    def decode(self, tensors: dict, metadata: dict) -> ActivationProfile:
+        return ActivationProfile(tensors=tensors, **metadata)
 
     def save(self, key: str, profile: ActivationProfile, key_fields: dict) -> Path:
         return super().save(key, profile.tensors, profile.metadata(), key_fields)

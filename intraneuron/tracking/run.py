@@ -11,11 +11,9 @@ import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +38,7 @@ from intraneuron.tracking.hydra_job import (
 )
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags, truncate
+from intraneuron.tracking.signals import KILLED_RUN_ATTR, sigterm_as_interrupt
 
 # Callers that predate the split import these from here.
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve  # noqa: F401
@@ -108,11 +107,13 @@ def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> Non
         log.warning("could not record the failure of run %s in MLflow", run_id, exc_info=True)
 
 
-def _end_run(client: MlflowClient, run_id: str, status: str) -> None:
+def _end_run(client: MlflowClient, run_id: str, status: str) -> bool:
     try:
         client.set_terminated(run_id, status=status)
     except Exception:
         log.warning("could not mark run %s as %s in MLflow", run_id, status, exc_info=True)
+        return False
+    return True
 
 
 def _yaml(data: Any) -> str:
@@ -189,29 +190,6 @@ def write_run_info(
     return path
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler cancelling the job): the run ends KILLED, as on Ctrl-C."""
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into `Terminated` while the block runs, so the run's `finally` records it
-    instead of the process dying with the run left RUNNING forever. Signal handlers can only be
-    set from the main thread; elsewhere (a thread-based launcher) this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, _frame):
-        raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @contextmanager
 def tracked_run(
     tcfg: TrackingConfig,
@@ -276,7 +254,8 @@ def tracked_run(
             stop_system_metrics(monitor)
             if failure is not None:
                 record_failure(client, run_id, failure)
-            _end_run(client, run_id, status)
+            if _end_run(client, run_id, status) and isinstance(failure, KeyboardInterrupt):
+                setattr(failure, KILLED_RUN_ATTR, run_id)  # for the command's last line (`stopped`)
 
 
 class TaskFailed(RuntimeError):

@@ -10,7 +10,9 @@ already holds another sweep's RUNNING or FINISHED parent run stops the sweep bef
 launched (one line on stderr, exit status 1). When a job fails, Hydra's sweeper re-raises its exception after the batch
 has run and never calls `on_multirun_end`; an atexit hook then closes the parent as FAILED and
 prints which jobs failed. A sweep whose jobs all finished but whose shards could not be merged
-(MERGE_ERROR_TAG) ends FAILED too.
+(MERGE_ERROR_TAG) ends FAILED too. Ctrl-C or SIGTERM to the launching process (a scheduler
+cancelling the sweep) unwinds it as in a job, and the atexit hook ends the parent KILLED, with the
+jobs it left RUNNING.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, launch_dir
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags
 from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
+from intraneuron.tracking.signals import release_stop_signals, trap_stop_signals
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
@@ -60,6 +63,7 @@ class MlflowSweepCallback(Callback):
         self.tags = dict(tags or {})
         self.parent_run_id: str | None = None
         self._base_dir: Path | None = None
+        self._stopped_by: str | None = None  # the signal that stopped the launching process
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns an Exception raised by a callback into a warning and launches every job anyway,
@@ -91,6 +95,9 @@ class MlflowSweepCallback(Callback):
             "hydra.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
             **self.tags,
         }
+        # from the moment the parent exists, a stop signal must not end the process before it is closed
+        atexit.register(self._close, False)
+        trap_stop_signals(self._noticed)
         run = client.create_run(experiment_id, run_name=f"sweep-{sweep_dir.name}", tags=mlflow_tags(tags))
         self.parent_run_id = run.info.run_id
         parent = RunLogger(client, self.parent_run_id)
@@ -102,7 +109,9 @@ class MlflowSweepCallback(Callback):
         parent.log_text(OmegaConf.to_yaml(config, resolve=False), "config/multirun.yaml")
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_ID_FILE).write_text(self.parent_run_id)
-        atexit.register(self._close, False)
+
+    def _noticed(self, signal_name: str) -> None:
+        self._stopped_by = signal_name
 
     def _abandon_parent(self, error: BaseException) -> None:
         """A parent run created before the failure ends FAILED with the reason; never raises."""
@@ -121,28 +130,33 @@ class MlflowSweepCallback(Callback):
         self._close(True)
 
     def _close(self, sweep_completed: bool) -> None:
-        """End the parent: FINISHED only if the sweep completed and no child failed or was killed."""
+        """End the parent: FINISHED only if the sweep completed and no child failed or was killed;
+        KILLED if a child was, or if a stop signal ended the launching process."""
         atexit.unregister(self._close)
+        release_stop_signals()
         if self.parent_run_id is None:
             return
         parent_id, self.parent_run_id = self.parent_run_id, None
         client, experiment_id = open_experiment(self.tracking, self._base_dir or launch_dir())
+        stopped = f"the sweep was stopped by {self._stopped_by}" if self._stopped_by else None
+        if stopped:
+            _say(client, parent_id, stopped)
         children = _children(client, experiment_id, parent_id)
+        # a job left RUNNING: its process died without closing it (OOM, crash), or went with the sweep
+        orphan_status, why = (_KILLED, f"{stopped} while the job ran") if stopped else (_FAILED, _ORPHAN_ERROR)
         for child in children:
-            if child.info.status == _RUNNING:  # its process died without closing it (OOM, crash)
-                child.data.tags["error"] = _ORPHAN_ERROR
-                client.log_batch(
-                    child.info.run_id, tags=[RunTag("error", _ORPHAN_ERROR), RunTag(MLFLOW_RUN_NOTE, _ORPHAN_ERROR)]
-                )
-                client.set_terminated(child.info.run_id, status=_FAILED)
-        statuses = [_FAILED if c.info.status == _RUNNING else c.info.status for c in children]
+            if child.info.status == _RUNNING:
+                child.data.tags["error"] = why
+                _say(client, child.info.run_id, why)
+                client.set_terminated(child.info.run_id, status=orphan_status)
+        statuses = [orphan_status if c.info.status == _RUNNING else c.info.status for c in children]
         counts = {s: statuses.count(s) for s in (_FINISHED, _FAILED, _KILLED)}
         RunLogger(client, parent_id).log_metrics({
             "sweep.jobs_total": len(children),
             **{f"sweep.jobs_{s.lower()}": n for s, n in counts.items()},
         })
         _summarise(client, parent_id)  # here, not in on_multirun_end: a failed sweep needs it most
-        if counts[_KILLED]:
+        if counts[_KILLED] or stopped:
             status = _KILLED
         elif counts[_FAILED] or not sweep_completed:
             status = _FAILED
@@ -152,7 +166,7 @@ class MlflowSweepCallback(Callback):
             status = _FINISHED
         client.set_terminated(parent_id, status=status)
         if status != _FINISHED and (counts[_FAILED] or counts[_KILLED] or not sweep_completed):
-            _report(children, statuses, parent_id, sweep_completed)
+            _report(children, statuses, parent_id, sweep_completed, stopped)
 
 
 class SweepFolderInUse(RuntimeError):
@@ -203,6 +217,11 @@ def _summarise(client: MlflowClient, parent_id: str) -> None:
         sys.stderr.write(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n")
 
 
+def _say(client: MlflowClient, run_id: str, why: str) -> None:
+    """`why` as the run's error tag and description, where the UI shows it first."""
+    client.log_batch(run_id, tags=[RunTag("error", why), RunTag(MLFLOW_RUN_NOTE, why)])
+
+
 def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
     runs: list[Any] = []
     token = None
@@ -217,13 +236,17 @@ def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[
             return runs
 
 
-def _report(children: list[Any], statuses: list[str], parent_id: str, sweep_completed: bool) -> None:
+def _report(
+    children: list[Any], statuses: list[str], parent_id: str, sweep_completed: bool, stopped: str | None = None
+) -> None:
     """One readable stderr summary of every failed job (Hydra itself only re-raises the first)."""
     bad = [(c, s) for c, s in zip(children, statuses, strict=True) if s != _FINISHED]
     bad.sort(key=lambda cs: int(cs[0].data.tags.get("hydra.job_num", "-1")))
     lines = [f"MLflow sweep run {parent_id}: {len(bad)} of {len(children)} jobs did not finish"]
     if not sweep_completed and not bad:
         lines[0] = f"MLflow sweep run {parent_id}: the sweep stopped before completing"
+    if stopped:
+        lines[0] = f"MLflow sweep run {parent_id}: {stopped} and is marked KILLED; {len(bad)} of {len(children)} jobs did not finish"
     for child, status in bad:
         tags = child.data.tags
         lines.append(
