@@ -21,6 +21,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from intraneuron.tracking.redact import redact
+
 COMMANDS = ("compare", "show", "stale", "merge")
 PROG = "intraneuron"
 _NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_downloads():
             return args.handler(args)
     except (CommandError, NotFound) as error:
-        print(f"{PROG} {args.command}: {error}", file=sys.stderr)
+        print(redact(f"{PROG} {args.command}: {error}"), file=sys.stderr)
         return 1
 
 
@@ -315,7 +317,7 @@ def stale_command(args: argparse.Namespace) -> int:
                 print(f"KILLED   {name}: {reason}")
             else:
                 print(f"gone     {name}: {reason}")
-    summary = f"{len(runs)} RUNNING runs in {client.tracking_uri}; {gone} of them with their process gone"
+    summary = f"{len(runs)} RUNNING runs in {redact(client.tracking_uri)}; {gone} of them with their process gone"
     if gone and args.mark:
         summary += f", {marked} marked KILLED"
     elif gone:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from intraneuron.errors import ConfigError
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.store import KEY, TrackingConfig, resolve
+from intraneuron.tracking.ui import ui_base
 
 CONNECT_TIMEOUT_S = 3.0
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -157,7 +158,7 @@ def _check_server_health(uri: str) -> None:
     import urllib.error
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    url = ui_base(uri) + "/health"  # urllib cannot open a URL with user information
     loopback = urlparse(uri).hostname in ("127.0.0.1", "localhost", "::1")  # never through a proxy
     opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
     try:
@@ -189,13 +190,13 @@ def _check_database(uri: str) -> None:
         url = make_url(uri)
         dialect = url.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as error:
-        raise ConfigError(key, _hide_password(uri), f"a database URI SQLAlchemy knows ({_first_line(error)})") from None
+        raise ConfigError(key, redact(uri), f"a database URI SQLAlchemy knows ({_first_line(error)})") from None
     try:
         dialect.import_dbapi()
     except ImportError as error:
         hint = _DRIVER_HINTS.get(url.get_backend_name(), "install the driver named in the URI")
         raise ConfigError(
-            key, _hide_password(uri), f"a URI whose driver is installed: {url.drivername} needs "
+            key, redact(uri), f"a URI whose driver is installed: {url.drivername} needs "
             f"{error.name or error} ({hint})",
         ) from None
     timeout_args = _CONNECT_TIMEOUT_ARGS.get(url.get_backend_name(), {})
@@ -205,7 +206,7 @@ def _check_database(uri: str) -> None:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as error:
         raise ConfigError(
-            key, _hide_password(uri),
+            key, redact(uri),
             f"a database that accepts a connection within {CONNECT_TIMEOUT_S:g} s "
             f"({_first_line(getattr(error, 'orig', None) or error)})",
         ) from None
@@ -223,15 +224,6 @@ _CONNECT_TIMEOUT_ARGS = {
     "postgresql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
     "mysql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
 }
-
-
-def _hide_password(uri: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(uri).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
 
 
 def _first_line(error: object) -> str:

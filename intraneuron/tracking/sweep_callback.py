@@ -32,6 +32,7 @@ from intraneuron.errors import ConfigError
 from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, launch_dir
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
 
@@ -68,13 +69,13 @@ class MlflowSweepCallback(Callback):
         try:
             self._open_parent(config)
         except (ConfigError, SweepFolderInUse) as error:
-            raise SystemExit(f"{type(error).__name__}: {error}") from error
+            raise SystemExit(redact(f"{type(error).__name__}: {error}")) from error
         except Exception as error:
             self._abandon_parent(error)
-            raise SystemExit(
+            raise SystemExit(redact(
                 f"mlflow_sweep: could not open the sweep's parent MLflow run in {self.tracking.tracking_uri}, "
                 f"so no job was launched ({type(error).__name__}: {_one_line(error)})"
-            ) from error
+            )) from error
 
     def _open_parent(self, config: DictConfig) -> None:
         self._base_dir = Path.cwd()  # the launching cwd: `${hydra:runtime.cwd}` does not resolve yet
@@ -91,7 +92,7 @@ class MlflowSweepCallback(Callback):
             "hydra.sweeper": OmegaConf.select(config, "hydra.sweeper._target_", default=""),
             **self.tags,
         }
-        run = client.create_run(experiment_id, run_name=f"sweep-{sweep_dir.name}", tags=mlflow_tags(tags))
+        run = client.create_run(experiment_id, run_name=redact(f"sweep-{sweep_dir.name}"), tags=mlflow_tags(tags))
         self.parent_run_id = run.info.run_id
         parent = RunLogger(client, self.parent_run_id)
         sweeper_params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
@@ -200,7 +201,7 @@ def _summarise(client: MlflowClient, parent_id: str) -> None:
         with tempfile.TemporaryDirectory() as out:
             summarise_sweep(client, parent_id, out)
     except Exception as error:
-        sys.stderr.write(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n")
+        sys.stderr.write(redact(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n"))
 
 
 def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[Any]:
