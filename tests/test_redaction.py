@@ -26,7 +26,7 @@ from mlflow.artifacts import download_artifacts
 
 from intraneuron.reports.artifacts import COMPOSED_CONFIG
 from intraneuron.tracking.redact import MASK, RedactingFormatter, redact
-from intraneuron.tracking.server import LocalMlflowServer
+from intraneuron.tracking.server import LocalMlflowServer, free_port
 from tests.servers import LocalPostgres
 from tests.test_runner import BASE
 
@@ -107,10 +107,20 @@ def leaks(text: str | bytes) -> bool:
     return any(secret.encode() in data for secret in SECRETS)
 
 
-def check_published_nothing(client: MlflowClient, cwd: Path, done, downloads: Path) -> list:
-    """No password in the command's output, in any run of the experiment, or in any file (name or
-    content) under `cwd`; every place it is found is listed. Returns the runs."""
+def printed_or_filed(cwd: Path, done) -> list[str]:
+    """Where the password is in the command's output and in the files (names, contents) under `cwd`."""
     found = [name for name, text in (("stdout", done.stdout), ("stderr", done.stderr)) if leaks(text)]
+    for path in cwd.rglob("*"):
+        name = str(path.relative_to(cwd))
+        found += [f"file name {name}"] * leaks(name)
+        found += [f"file {name}"] * (path.is_file() and leaks(path.read_bytes()))
+    return found
+
+
+def check_published_nothing(client: MlflowClient, cwd: Path, done, downloads: Path) -> list:
+    """No password in the command's output, in any file (name or content) under `cwd`, or in any run
+    of the experiment; every place it is found is listed. Returns the runs."""
+    found = printed_or_filed(cwd, done)
     experiment = client.get_experiment_by_name(cwd.name)
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     assert runs
@@ -124,10 +134,6 @@ def check_published_nothing(client: MlflowClient, cwd: Path, done, downloads: Pa
         files = [p for p in Path(folder).rglob("*") if p.is_file()]
         assert files, f"{where} has no artifacts"
         found += [f"{where} artifact {p.relative_to(folder)}" for p in files if leaks(p.read_bytes())]
-    for path in cwd.rglob("*"):
-        name = str(path.relative_to(cwd))
-        found += [f"file name {name}"] * leaks(name)
-        found += [f"file {name}"] * (path.is_file() and leaks(path.read_bytes()))
     assert not found
     return runs
 
@@ -171,6 +177,18 @@ def test_a_sweep_on_a_server_uri_with_a_password_publishes_it_nowhere(tmp_path, 
         assert f"user\\:{MASK}@" in (job_dir / ".hydra" / "overrides.yaml").read_text()
         assert (job_dir / "intraneuron.log").is_file() and (job_dir / "mlflow_run.json").is_file()
     assert f"user:{MASK}@" in (cwd / "multirun" / "multirun.yaml").read_text()
+
+
+def test_a_refused_uri_with_a_password_is_reported_masked(tmp_path, cache):
+    """Nothing listens on the port: the job stops before its run, with one line naming the key."""
+    cwd = tmp_path / "refused"
+    cwd.mkdir()
+    done = launch(cwd, cache, f"tracking.tracking_uri=http://user:{SECRETS[1]}@127.0.0.1:{free_port()}")
+    assert done.returncode == 1
+    assert f"ConfigError: tracking.tracking_uri='http://user:{MASK}@127.0.0.1:" in done.stderr
+    assert "Error executing job with overrides" in done.stderr
+    assert list(cwd.rglob(".hydra/overrides.yaml"))  # Hydra wrote the job's files
+    assert not printed_or_filed(cwd, done)
 
 
 @pytest.fixture(scope="module")
