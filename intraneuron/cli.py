@@ -28,6 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from intraneuron.paths import CONF_DIR
 
 log = logging.getLogger("intraneuron")
+# MLflow prints a link to each run it ends on a server, made of the tracking URI as given, password
+# included; `_report` logs where the run is instead
+QUIET_RUN_LINKS = ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class UserError(CompactHydraException):
@@ -59,13 +62,15 @@ def run_job(cfg: DictConfig):
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig):
     from intraneuron.errors import ConfigError, MissingAssetError
+    from intraneuron.tracking.redact import redact
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault(*QUIET_RUN_LINKS)  # a job in a Ray worker does not pass through main()
     try:
         summary = run_job(cfg)
     except (ConfigError, MissingAssetError) as error:
         # recorded FAILED in MLflow already; the user needs the sentence, not the stack
-        raise UserError(f"{type(error).__name__}: {error}") from None
+        raise UserError(redact(f"{type(error).__name__}: {error}")) from None
     _report(summary, cfg)
     return summary
 
@@ -73,14 +78,17 @@ def hydra_main(cfg: DictConfig):
 def _report(summary, cfg: DictConfig) -> None:
     from intraneuron.reports.artifacts import table_path
     from intraneuron.runner import describe
+    from intraneuron.tracking.redact import redact
+    from intraneuron.tracking.ui import ui_base
 
     for line in describe(summary).splitlines():
         log.info("%s", line)
-    uri = cfg.tracking.tracking_uri
+    uri = redact(cfg.tracking.tracking_uri)
+    server = uri.startswith(("http://", "https://"))  # it serves its own UI
     log.info(
-        "results: MLflow run %s in %s (experiment %r); tables are its artifacts %s. "
-        "Browse: mlflow ui --backend-store-uri %s",
-        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"), uri,
+        "results: MLflow run %s in %s (experiment %r); tables are its artifacts %s. Browse: %s",
+        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"),
+        ui_base(uri) if server else f"mlflow ui --backend-store-uri {uri}",
     )
 
 
@@ -92,6 +100,7 @@ def main():
         from intraneuron.commands import main as report_main
 
         raise SystemExit(report_main(sys.argv[1:]))
+    os.environ.setdefault(*QUIET_RUN_LINKS)  # here too for the sweep's parent run and joblib's workers
     try:
         return hydra_main()
     except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: a run that had started is already ended KILLED

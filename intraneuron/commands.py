@@ -22,6 +22,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from intraneuron.tracking.redact import redact
+
 COMMANDS = ("compare", "show", "stale", "merge")
 PROG = "intraneuron"
 _NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_downloads():
             return args.handler(args)
     except (CommandError, ConfigError, NotFound) as error:
-        print(f"{PROG} {args.command}: {error}", file=sys.stderr)
+        print(redact(f"{PROG} {args.command}: {error}"), file=sys.stderr)
         return 1
 
 
@@ -323,7 +325,7 @@ def stale_command(args: argparse.Namespace) -> int:
                 print(f"KILLED   {name}: {reason}")
             else:
                 print(f"gone     {name}: {reason}")
-    summary = f"{len(runs)} RUNNING runs in {client.tracking_uri}; {gone} of them with their process gone"
+    summary = f"{len(runs)} RUNNING runs in {redact(client.tracking_uri)}; {gone} of them with their process gone"
     if gone and args.mark:
         summary += f", {marked} marked KILLED"
     elif gone:

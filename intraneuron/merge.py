@@ -31,6 +31,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from intraneuron.analyses.base import ShardMergeError
+from intraneuron.tracking.redact import redact
 
 MERGED_TAG = "intraneuron.merged"
 MERGED_FROM_TAG = "intraneuron.merged_from"
@@ -375,7 +376,7 @@ class MergeShardsCallback(Callback):
             client, _ = open_experiment(TrackingConfig(*self.tracking), base_dir)
             merge_sweep(client, parent_id, echo=lambda line: print(f"merge_shards: {line}"))
         except Exception as error:
-            message = f"{type(error).__name__}: {_first_line(error)}"
+            message = redact(f"{type(error).__name__}: {_first_line(error)}")
             sys.stderr.write(f"MLflow sweep run {parent_id}: shards not merged ({message}); the run ends FAILED "
                              f"until `intraneuron merge {parent_id}` succeeds\n")  # fmt: skip
             if client is not None:

@@ -178,7 +178,8 @@ class LocalPostgres:
     """A throw-away PostgreSQL server on 127.0.0.1:<free port> with one database.
 
     Entering yields the SQLAlchemy URI `postgresql+psycopg://postgres@127.0.0.1:<port>/<database>`
-    (trust authentication, no password). Leaving sends SIGINT (fast shutdown) to the postmaster,
+    (trust authentication, no password). With `password`, connections over TCP must give it
+    (SCRAM) and the URI carries it, percent-encoded: `postgres:<password>@`. Leaving sends SIGINT (fast shutdown) to the postmaster,
     SIGKILL after `stop_timeout`, checks that it and every backend it had are gone, and removes the
     data directory.
     """
@@ -187,10 +188,11 @@ class LocalPostgres:
         self,
         database: str = "mlflow",
         *,
+        password: str | None = None,
         start_timeout: float = 60.0,
         stop_timeout: float = STOP_TIMEOUT,
     ):
-        self.database = database
+        self.database, self.password = database, password
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.root: Path | None = None
         self.port: int | None = None
@@ -202,14 +204,20 @@ class LocalPostgres:
 
     @property
     def uri(self) -> str:
-        return f"postgresql+psycopg://postgres@{HOST}:{self.port}/{self.database}"
+        from urllib.parse import quote
+
+        user = "postgres" if self.password is None else f"postgres:{quote(self.password, safe='')}"
+        return f"postgresql+psycopg://{user}@{HOST}:{self.port}/{self.database}"
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def conninfo(self, database: str | None = None) -> str:
-        return f"host={HOST} port={self.port} user=postgres dbname={database or self.database} connect_timeout=2"
+        from psycopg.conninfo import make_conninfo
+
+        return make_conninfo(host=HOST, port=self.port, user="postgres", dbname=database or self.database,
+                             connect_timeout=2, password=self.password)  # fmt: skip
 
     def __enter__(self) -> str:
         self.start()
@@ -230,6 +238,10 @@ class LocalPostgres:
             env["LC_ALL"] = env["LANG"] = "C.UTF-8"
             initdb = [postgres_bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
                       "--auth=trust", "--encoding=UTF8", "--no-sync"]  # fmt: skip
+            if self.password is not None:  # the superuser's password, required over TCP only
+                secret = self.root / "password"
+                secret.write_text(self.password + "\n")
+                initdb += ["--auth-host=scram-sha-256", f"--pwfile={secret}"]
             done = subprocess.run(
                 initdb, env=env, cwd=self.root, capture_output=True, text=True, timeout=120, **owner
             )

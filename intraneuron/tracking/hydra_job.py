@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from intraneuron.tracking.redact import redact
+
 PARENT_RUN_ID_FILE = "mlflow_parent_run_id"  # in the sweep folder, written by MlflowSweepCallback
 RUN_INFO_FILE = "mlflow_run.json"  # in each job's output folder, written by tracked_run
 
@@ -100,8 +102,9 @@ def sweep_wide_overrides(sweep_dir: Path) -> set[str]:
 
 def _canonical(override: str) -> str:
     """One spelling of an override for comparing a job's with the sweep's: Hydra escapes some
-    characters in a job's overrides ("sqlite\\:///") but not in the saved sweep's, and gives a job
-    `key=False` where the sweep saved `key=false`."""
-    override = override.replace("\\", "")
+    characters in a job's overrides ("sqlite\\:///") but not in the saved sweep's, gives a job
+    `key=False` where the sweep saved `key=false`, and the saved sweep's passwords are masked
+    (`RedactCallback`) once its first job has started."""
+    override = redact(override.replace("\\", ""))
     key, sep, value = override.partition("=")
     return f"{key}{sep}{value.lower()}" if value in ("True", "False") else override

@@ -40,6 +40,7 @@ from mlflow.utils.validation import (
 
 from intraneuron.reports.artifacts import layer_prefix
 from intraneuron.tracking.params import mlflow_params, mlflow_tags
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.ui import run_url
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class RunLogger:
         self.client.log_dict(self.run_id, dict(d), self.prefix + artifact_path)
 
     def log_text(self, text: str, artifact_path: str) -> None:
-        self.client.log_text(self.run_id, text, self.prefix + artifact_path)
+        """Store text (a config, a page) with passwords in URIs masked."""
+        self.client.log_text(self.run_id, redact(text), self.prefix + artifact_path)
 
     def log_artifact(self, local_path: str | Path, artifact_dir: str | None = None) -> None:
         """Copy a local file or directory into the run, under `artifact_dir`."""

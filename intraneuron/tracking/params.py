@@ -1,4 +1,5 @@
-"""Turn nested config values into MLflow params and tags: flat dotted keys, string values, size limits."""
+"""Turn nested config values into MLflow params and tags: flat dotted keys, string
+values, passwords in URIs masked, size limits."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from intraneuron.tracking.redact import redact
 
 TRUNCATION_MARKER = "...[truncated]"
 
@@ -43,10 +46,12 @@ def truncate(text: str, limit: int) -> str:
 
 
 def mlflow_params(params: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
-    """Flatten, stringify and truncate to MLflow's param value limit (6000 characters)."""
-    return {k: truncate(to_text(v), MAX_PARAM_VAL_LENGTH) for k, v in flatten(params, sep).items()}
+    """Flatten, stringify, mask passwords in URIs and truncate to MLflow's param value limit (6000
+    characters); masked before cut, so no part of a password is left where the mask cannot find it."""
+    return {k: truncate(redact(to_text(v)), MAX_PARAM_VAL_LENGTH) for k, v in flatten(params, sep).items()}
 
 
 def mlflow_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    """Stringify and truncate to MLflow's tag value limit (8000 characters). Keys are kept as given."""
-    return {str(k): truncate(to_text(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+    """Stringify, mask passwords in URIs and truncate to MLflow's tag value limit (8000 characters).
+    Keys are kept as given."""
+    return {str(k): truncate(redact(to_text(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}

@@ -10,13 +10,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
 from intraneuron.errors import ConfigError
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.store import KEY, TrackingConfig, resolve
 
 CONNECT_TIMEOUT_S = 3.0
@@ -142,9 +142,9 @@ def _check_server(uri: str) -> None:
     try:
         host, port = parsed.hostname, parsed.port or _DEFAULT_PORTS[parsed.scheme]
     except ValueError as error:  # a port that is not a number
-        raise ConfigError(f"{KEY}.tracking_uri", _hide_password(uri), f"{form} ({error})") from None
+        raise ConfigError(f"{KEY}.tracking_uri", redact(uri), f"{form} ({error})") from None
     if not host:
-        raise ConfigError(f"{KEY}.tracking_uri", _hide_password(uri), f"{form} (no host)")
+        raise ConfigError(f"{KEY}.tracking_uri", redact(uri), f"{form} (no host)")
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
             pass
@@ -159,7 +159,7 @@ def _check_server(uri: str) -> None:
     else:
         return
     raise ConfigError(
-        f"{KEY}.tracking_uri", _hide_password(uri),
+        f"{KEY}.tracking_uri", redact(uri),
         f"a reachable MLflow server ({problem}; check that `mlflow server` runs there and the host and port are right)",
     )
 
@@ -177,7 +177,7 @@ def _check_server_answers(uri: str) -> None:
     from urllib.parse import unquote
 
     parsed = urlparse(uri)
-    shown = _hide_password(uri)  # no password in a message
+    shown = redact(uri)  # no password in a message
     # urllib takes no user:password@ in a URL; MLflow's client (requests) sends it as basic auth
     base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2]).geturl().rstrip("/")
     headers = {}
@@ -245,13 +245,13 @@ def _check_database(uri: str) -> None:
         url = make_url(uri)
         dialect = url.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as error:
-        raise ConfigError(key, _hide_password(uri), f"a database URI SQLAlchemy knows ({_first_line(error)})") from None
+        raise ConfigError(key, redact(uri), f"a database URI SQLAlchemy knows ({_first_line(error)})") from None
     try:
         dialect.import_dbapi()
     except ImportError as error:
         hint = _DRIVER_HINTS.get(url.get_backend_name(), "install the driver named in the URI")
         raise ConfigError(
-            key, _hide_password(uri), f"a URI whose driver is installed: {url.drivername} needs "
+            key, redact(uri), f"a URI whose driver is installed: {url.drivername} needs "
             f"{error.name or error} ({hint})",
         ) from None
     timeout_args = _CONNECT_TIMEOUT_ARGS.get(url.get_backend_name(), {})
@@ -261,7 +261,7 @@ def _check_database(uri: str) -> None:
             connection.execute(text("SELECT 1"))
     except SQLAlchemyError as error:
         raise ConfigError(
-            key, _hide_password(uri),
+            key, redact(uri),
             f"a database that accepts a connection within {CONNECT_TIMEOUT_S:g} s "
             f"({_first_line(getattr(error, 'orig', None) or error)})",
         ) from None
@@ -279,15 +279,6 @@ _CONNECT_TIMEOUT_ARGS = {
     "postgresql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
     "mysql": {"connect_timeout": int(CONNECT_TIMEOUT_S)},
 }
-
-
-def _hide_password(uri: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(uri).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", uri)
 
 
 def _first_line(error: object) -> str:

@@ -38,6 +38,7 @@ from intraneuron.tracking.hydra_job import (
 )
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags, truncate
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.signals import KILLED_RUN_ATTR, sigterm_as_interrupt
 
 # Callers that predate the split import these from here.
@@ -88,21 +89,21 @@ def process_tags() -> dict[str, str]:
 
 def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> None:
     """Tag `error` (short), put it first in the run's description, and the ERROR_TEXT artifact (full
-    traceback); never raises over the real error.
+    traceback), passwords in URIs masked; never raises over the real error.
 
     The description (`mlflow.note.content`) is what the run page and the runs table's Description
     column (offered under "Columns") show, so a failed run says why without opening its artifacts.
     """
     try:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        message = truncate(message, ERROR_TAG_LENGTH)
+        message = truncate(redact(message), ERROR_TAG_LENGTH)
         previous = client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
         note = f"{message}\n\n{previous}" if previous and not previous.startswith(message) else message
         client.log_batch(
             run_id,
             tags=[RunTag("error", message), RunTag(MLFLOW_RUN_NOTE, truncate(note, MAX_TAG_VAL_LENGTH))],
         )
-        client.log_text(run_id, "".join(traceback.format_exception(exc)), ERROR_TEXT)
+        client.log_text(run_id, redact("".join(traceback.format_exception(exc))), ERROR_TEXT)
     except Exception:  # the store itself may be the failure; keep the job's own exception visible
         log.warning("could not record the failure of run %s in MLflow", run_id, exc_info=True)
 
@@ -166,8 +167,9 @@ def write_run_info(
     parent_run_id: str | None,
 ) -> Path | None:
     """`<hydra output dir>/mlflow_run.json`: the run a researcher looking at `outputs/<date>/<time>/`
-    is after, with the store to open it in. A file that cannot be written costs a warning only."""
-    uri = client.tracking_uri
+    is after, with the store to open it in (its password masked). A file that cannot be written costs
+    a warning only."""
+    uri = redact(client.tracking_uri)
     server = urlparse(uri).scheme in ("http", "https")
     info = {
         "run_id": run_id,
@@ -228,6 +230,7 @@ def tracked_run(
     for key, value in process_tags().items():
         run_tags.setdefault(key, value)
 
+    run_name = redact(run_name)  # e.g. the overrides, a tracking URI among them
     run_id = client.create_run(experiment_id, run_name=run_name, tags=mlflow_tags(run_tags)).info.run_id
     logger = RunLogger(client, run_id)
     monitor = None

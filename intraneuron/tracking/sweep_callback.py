@@ -34,6 +34,7 @@ from intraneuron.errors import ConfigError
 from intraneuron.tracking.hydra_job import PARENT_RUN_ID_FILE, launch_dir
 from intraneuron.tracking.logger import RunLogger
 from intraneuron.tracking.params import mlflow_tags
+from intraneuron.tracking.redact import redact
 from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
 from intraneuron.tracking.signals import release_stop_signals, trap_stop_signals
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
@@ -72,13 +73,13 @@ class MlflowSweepCallback(Callback):
         try:
             self._open_parent(config)
         except (ConfigError, SweepFolderInUse) as error:
-            raise SystemExit(f"{type(error).__name__}: {error}") from error
+            raise SystemExit(redact(f"{type(error).__name__}: {error}")) from error
         except Exception as error:
             self._abandon_parent(error)
-            raise SystemExit(
+            raise SystemExit(redact(
                 f"mlflow_sweep: could not open the sweep's parent MLflow run in {self.tracking.tracking_uri}, "
                 f"so no job was launched ({type(error).__name__}: {_one_line(error)})"
-            ) from error
+            )) from error
 
     def _open_parent(self, config: DictConfig) -> None:
         self._base_dir = Path.cwd()  # the launching cwd: `${hydra:runtime.cwd}` does not resolve yet
@@ -98,7 +99,7 @@ class MlflowSweepCallback(Callback):
         # from the moment the parent exists, a stop signal must not end the process before it is closed
         atexit.register(self._close, False)
         trap_stop_signals(self._noticed)
-        run = client.create_run(experiment_id, run_name=f"sweep-{sweep_dir.name}", tags=mlflow_tags(tags))
+        run = client.create_run(experiment_id, run_name=redact(f"sweep-{sweep_dir.name}"), tags=mlflow_tags(tags))
         self.parent_run_id = run.info.run_id
         parent = RunLogger(client, self.parent_run_id)
         sweeper_params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
@@ -214,7 +215,7 @@ def _summarise(client: MlflowClient, parent_id: str) -> None:
         with tempfile.TemporaryDirectory() as out:
             summarise_sweep(client, parent_id, out)
     except Exception as error:
-        sys.stderr.write(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n")
+        sys.stderr.write(redact(f"MLflow sweep run {parent_id}: no sweep summary ({type(error).__name__}: {error})\n"))
 
 
 def _say(client: MlflowClient, run_id: str, why: str) -> None:
