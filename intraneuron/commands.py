@@ -15,13 +15,13 @@ pre-flight (`tracking.preflight`): MLflow's client retries a server that is down
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import sys
 import textwrap
 from pathlib import Path
 
+from intraneuron.command_checks import check_out, checked_store
 from intraneuron.tracking.redact import redact
 
 COMMANDS = ("compare", "show", "stale", "merge")
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         writes = args.command == "merge" or getattr(args, "mark", False)
-        args.tracking_uri = _checked_store(args.tracking_uri, writes=writes)  # before MLflow is imported
+        args.tracking_uri = checked_store(args.tracking_uri, writes=writes)  # before MLflow is imported
         from intraneuron.reports.artifacts import quiet_downloads
 
         with quiet_downloads():
@@ -117,7 +117,7 @@ def compare_command(args: argparse.Namespace) -> int:
     )  # fmt: skip
 
     out = args.out if args.out is not None else Path(f"compare-{file_safe(args.target)}")
-    _check_out(args.out, out)
+    check_out(args.out, out)
     client = _client(args.tracking_uri)
     try:
         run = get_run(client, args.target, argument="target")
@@ -178,7 +178,7 @@ def show_command(args: argparse.Namespace) -> int:
 
     if args.neuron is not None:  # the card goes into --out, a file in its folder, or the current folder
         out = args.out or Path()
-        _check_out(args.out, out if out.is_dir() else out.parent)
+        check_out(args.out, out if out.is_dir() else out.parent)
     client = _client(args.tracking_uri)
     run = get_run(client, args.run_id)
     tags, params = run.data.tags, run.data.params
@@ -348,31 +348,8 @@ def _running_runs(client, experiment_ids: list[str]) -> list:
             return runs
 
 
-def _checked_store(uri: str | None, *, writes: bool) -> str:
-    """The store's URI (sqlite paths made absolute), checked like a job's (`check_reachable`), and
-    refusing to create an empty sqlite file by a typo. `writes`: the command writes to the store."""
-    from intraneuron.tracking.preflight import check_reachable
-    from intraneuron.tracking.store import TrackingConfig, resolve
-
-    tcfg = TrackingConfig(tracking_uri=uri or os.environ.get("MLFLOW_TRACKING_URI") or TrackingConfig.tracking_uri)
-    resolved = resolve(tcfg, Path.cwd())
-    if resolved.sqlite_file is not None and not resolved.sqlite_file.is_file():
-        raise CommandError(f"no MLflow store at {resolved.sqlite_file} (give --tracking-uri)")
-    check_reachable(tcfg, Path.cwd(), writes=writes)
-    return resolved.tracking_uri
-
-
-def _check_out(out: Path | None, folder: Path) -> None:
-    """Refuse, before any work, an --out whose folder (created if missing) takes no new file."""
-    from intraneuron.errors import ConfigError
-    from intraneuron.tracking.preflight import unwritable
-
-    if problem := unwritable(folder.absolute(), create=False):
-        raise ConfigError("--out", out and str(out), f"a folder that can be created and written ({problem})")
-
-
 def _client(uri: str):
-    """An MlflowClient of a store `_checked_store` has checked."""
+    """An MlflowClient of a store `checked_store` has checked."""
     from mlflow import MlflowClient
 
     return MlflowClient(uri)
