@@ -18,11 +18,13 @@ the ratio is the median of the paired rounds:
 2 layers); `--all-layers` takes all 30 SmolLM2 layers. Both print the memory plan of the whole
 default corpus under `--memory-gb` (memory per layer, passes, estimated peak), then extract over
 `--tokens` tokens with a profile cache and print the plan there, its estimated peak and the
-measured peak RSS (the check of the estimate).
+measured peak RSS (the check of the estimate). With `--whole-keys` they extract instead over windows
+that hold every (token type, half) key of the whole corpus once (`_common.key_complete`): tables, plan
+and peak memory are the whole corpus's, at the cost of about 36k tokens.
 
 Usage: python benchmarks/extraction.py [--layers 0 15] [--tokens 32768] [--rounds 2]
-       python benchmarks/extraction.py --scale [--tokens 65536] [--memory-gb 8]
-       python benchmarks/extraction.py --all-layers [--tokens 65536] [--memory-gb 8]
+       python benchmarks/extraction.py --scale [--tokens 65536 | --whole-keys] [--memory-gb 8]
+       python benchmarks/extraction.py --all-layers [--tokens 65536 | --whole-keys] [--memory-gb 8]
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_model_and_windows, prefix  # noqa: E402
+from _common import default_model_and_windows, key_complete, prefix  # noqa: E402
 
 from intraneuron.extraction import STAT_NAMES, ExtractionConfig, extract_profiles  # noqa: E402
 
@@ -223,12 +225,17 @@ def scale(args) -> None:
               f"d_mlp {handle.d_mlp}, {handle.n_layers} layers", flush=True)
         windows = build_windows(load_source("gutenberg"), handle.tokenizer, window_len=128,
                                 source_key=source_key("gutenberg"))  # fmt: skip
-        planned(args, handle, prefix(windows, args.tokens), [0, 1], "gpt2-xl-shaped", whole=windows)
+        planned(args, handle, measured(args, windows), [0, 1], "gpt2-xl-shaped", whole=windows)
+
+
+def measured(args, windows):
+    """What --scale and --all-layers extract over: a prefix, or the whole corpus's keys."""
+    return key_complete(windows) if args.whole_keys else prefix(windows, args.tokens)
 
 
 def all_layers(args) -> None:
     handle, windows = default_model_and_windows()
-    planned(args, handle, prefix(windows, args.tokens), list(range(handle.n_layers)), "smollm2-135m, 30 layers",
+    planned(args, handle, measured(args, windows), list(range(handle.n_layers)), "smollm2-135m, 30 layers",
             whole=windows)  # fmt: skip
 
 
@@ -244,6 +251,8 @@ def main() -> None:
     parser.add_argument("--memory-gb", type=float, default=8.0)
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--all-layers", action="store_true")
+    parser.add_argument("--whole-keys", action="store_true", help="--scale, --all-layers: extract over windows "
+                        "holding the whole corpus's type keys (its tables and memory) instead of --tokens")  # fmt: skip
     parser.add_argument("--probe", choices=("plain", "engine", "lens"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
