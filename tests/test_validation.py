@@ -30,9 +30,8 @@ PACKAGE_DIR = Path(intraneuron.__file__).resolve().parent
 UNSET_VARIABLE = "INTRANEURON_TEST_UNSET_VARIABLE"
 TRACKING_SECONDS = 5.0  # a bad tracking location is reported within this, not after MLflow's retries
 
-# Keys of ConfigErrors that name a Python argument, not a config key: none (code mistakes raise
-# ValueError), kept as the place to declare one if a reason ever comes.
-API_ARGUMENTS: dict[str, str] = {}
+# Keys of ConfigErrors that name an argument, not a config key (code mistakes raise ValueError).
+API_ARGUMENTS: dict[str, str] = {"--out": "the --out of `intraneuron show` and `intraneuron compare`"}
 
 
 @dataclass(frozen=True)
@@ -597,7 +596,7 @@ def test_every_key_a_config_error_names_in_the_source_exists(every_key):
 
     print(f"\n{len(checked)} keys named in the source, all found in the config tree:")
     for where, kind, text in sorted(checked, key=lambda r: r[2]):
-        note = f"   (Python argument: {API_ARGUMENTS[text]})" if text in API_ARGUMENTS else ""
+        note = f"   (argument: {API_ARGUMENTS[text]})" if text in API_ARGUMENTS else ""
         note += "   (MissingAssetError)" if kind == "asset" else ""
         print(f"  {text + ('...' if kind == 'prefix' else ''):45} {where}{note}")
     print(f"{len(dynamic)} keys known only at run time (the battery covers them):")
