@@ -30,6 +30,16 @@ from intraneuron.paths import CONF_DIR
 log = logging.getLogger("intraneuron")
 
 
+def _analyses_help() -> str:
+    from intraneuron.registry import help_text
+
+    return help_text()
+
+
+# `--help` lists the analyses of conf/analysis/ from the registry (conf/hydra/help/intraneuron.yaml)
+OmegaConf.register_new_resolver("intraneuron.analyses", _analyses_help, replace=True)
+
+
 class UserError(CompactHydraException):
     """A mistake the user can fix: Hydra prints its message alone, without a traceback."""
 
