@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
@@ -149,3 +150,16 @@ def test_help_lists_every_analysis_with_its_description(tmp_path):
         assert f"{name} {summary}" in listed, (name, section)
     imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()}
     assert not {m for m in imported if m.split(".")[0] == "torch" or m.startswith("intraneuron.analyses")}
+
+
+@pytest.mark.parametrize(
+    ("option", "other", "changed"),
+    [("ward", "kmeans", "clustering.estimator"), ("kmeans", "kmeans_silhouette", "clustering.k_choice")],
+)
+def test_a_clustering_option_changes_one_thing(option, other, changed):
+    """A sweep over clustering options compares what their names say: ward vs kmeans the clusterer
+    alone (both choose K by the gap statistic), kmeans vs kmeans_silhouette the K rule alone."""
+    a, b = (pd.json_normalize(OmegaConf.to_container(compose_config(f"clustering={name}"))).iloc[0].to_dict()
+            for name in (option, other))  # fmt: skip
+    differ = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+    assert differ and all(key == changed or key.startswith(f"{changed}.") for key in differ), differ
