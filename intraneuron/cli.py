@@ -33,6 +33,16 @@ log = logging.getLogger("intraneuron")
 QUIET_RUN_LINKS = ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+def _analyses_help() -> str:
+    from intraneuron.registry import help_text
+
+    return help_text()
+
+
+# `--help` lists the analyses of conf/analysis/ from the registry (conf/hydra/help/intraneuron.yaml)
+OmegaConf.register_new_resolver("intraneuron.analyses", _analyses_help, replace=True)
+
+
 class UserError(CompactHydraException):
     """A mistake the user can fix: Hydra prints its message alone, without a traceback."""
 

@@ -7,12 +7,15 @@ Only `analysis._target_` and `clustering.estimator._target_` name classes in the
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import inspect
+import textwrap
 from typing import Any
 
 from intraneuron.errors import ConfigError
-from intraneuron.paths import CONF_DIR
+from intraneuron.paths import CONF_DIR, PROJECT_ROOT
 
 TARGET_KEYS = ("analysis._target_", "clustering.estimator._target_")
 
@@ -30,6 +33,71 @@ def available() -> dict[str, str]:
         )
         found[path.stem] = target
     return found
+
+
+def descriptions() -> dict[str, str]:
+    """Option name -> one line about the analysis: the first paragraph of its class's docstring and
+    the config groups it reads. Read from the source, not imported: `--help` must not pay for torch."""
+    found = {}
+    for name, target in available().items():
+        if target.startswith("("):
+            found[name] = target.strip("()")
+            continue
+        cls = _class_node(target)
+        if cls is None:
+            found[name] = target
+            continue
+        summary = " ".join((ast.get_docstring(cls) or target).split("\n\n")[0].split())
+        groups = _dict_keys(cls, "groups")
+        found[name] = f"{summary} Reads {', '.join(groups)}." if groups else summary
+    return found
+
+
+def help_text(width: int = 100) -> str:
+    """The `--help` section listing every analysis (conf/hydra/help/intraneuron.yaml interpolates it)."""
+    entries = descriptions()
+    column = max(map(len, entries)) + 2
+    lines = [
+        textwrap.fill(text, width, initial_indent=name.ljust(column), subsequent_indent=" " * column)
+        for name, text in entries.items()
+    ]
+    return "\n".join(lines).replace("$", "$$")  # Hydra fills the template with string.Template
+
+
+def _class_node(target: str) -> ast.ClassDef | None:
+    """The class statement a `_target_` of this package names, following re-exports
+    (`from intraneuron.analyses.two_fold.analysis import TwoFoldAnalysis` in a package's __init__)."""
+    module, _, name = target.rpartition(".")
+    for _ in range(4):
+        parts = module.split(".")
+        base = PROJECT_ROOT.joinpath(*parts)
+        path = next((p for p in (base / "__init__.py", base.with_suffix(".py")) if p.is_file()), None)
+        if parts[0] != "intraneuron" or path is None:
+            return None  # another package's class is not looked into
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return node
+            if isinstance(node, ast.ImportFrom) and any(alias.name == name for alias in node.names):
+                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                module = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                break
+        else:
+            return None
+    return None
+
+
+def _dict_keys(cls: ast.ClassDef, attribute: str) -> list[str]:
+    """The string keys of a class attribute assigned a dict literal (`groups: ClassVar = {...}`)."""
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign):
+            target = node.target
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id == attribute and isinstance(node.value, ast.Dict):
+            return [key.value for key in node.value.keys if isinstance(key, ast.Constant)]
+    return []
 
 
 def analysis_class(target: Any) -> type:

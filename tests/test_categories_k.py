@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.cluster import hierarchy
 from sklearn.metrics import adjusted_rand_score, silhouette_score
+from threadpoolctl import threadpool_limits
 
 from intraneuron.analyses.two_fold.clustering import (
     NO_STRUCTURE,
@@ -177,3 +178,26 @@ def test_k_choice_settings_are_validated_with_their_keys():
         config.validate()
     for path in (CONF_DIR / "clustering").glob("*.yaml"):
         ClusteringConfig.from_option(path.stem).validate()
+
+
+def test_the_kmeans_preset_chooses_k_by_the_gap_statistic():
+    """clustering=kmeans keeps the default K rule: the planted K, and K = 1 on noise."""
+    clustering = ClusteringConfig.from_option("kmeans")
+    assert clustering.k_choice == "gap"
+    neuron = TwoFoldNeuron(
+        make_clusterer=clustering.factory(), normalize=clustering.normalize,
+        k_range=tuple(clustering.k_range), k_choice=clustering.k_choice,
+        n_references=clustering.n_references, n_segments=3, n_permutations=99, n_mantel_permutations=0,
+    )  # fmt: skip
+    acts, X, truth = planted_neuron(n_per=15)
+    # one thread per fit, as in the layer's joblib workers: on a few dozen tokens OpenMP's threads
+    # cost k-means more than they save (5x on 2 busy cores)
+    with threadpool_limits(limits=1):
+        result = neuron.analyse(acts, X, seed=1)
+        rng = np.random.default_rng(5)
+        noise = neuron.analyse(rng.normal(size=45), rng.normal(size=(45, 64)), seed=0)
+    assert result.row["n_categories"] == 3 and result.row["topdown_skipped"] == ""
+    assert adjusted_rand_score(truth, result.token_labels) == 1.0
+    assert result.k_curve["k"].tolist() == list(range(1, 9)) and result.k_curve["gap"].notna().all()
+    assert result.k_curve.loc[result.k_curve["chosen"], "k"].tolist() == [3]
+    assert noise.row["topdown_skipped"] == NO_STRUCTURE and noise.row["n_categories"] == 1

@@ -3,9 +3,13 @@ its groups and validates only those. (Bad values, one by one: tests/test_validat
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
@@ -17,7 +21,7 @@ from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.config import RUN_GROUPS, validate
 from intraneuron.errors import MissingAssetError
 from intraneuron.paths import CONF_DIR
-from intraneuron.registry import available
+from intraneuron.registry import analysis_class, available
 
 # Options that cannot be validated as they stand: they need a value from the user.
 TRAINED_BY_A_SCRIPT = {"universal_seeds"}  # presets whose models experiments/universal_seeds/train.py makes
@@ -129,3 +133,33 @@ def test_the_smoke_experiment_validates_with_every_analysis(analysis):
     several = ["models=tiny_gpt2_seeds"] if analysis == "universal" else []  # it compares models
     run = validate(compose_config("experiment=smoke", f"analysis={analysis}", *several))
     assert run.model.name == "tiny-gpt2"
+
+
+def test_help_lists_every_analysis_with_its_description(tmp_path):
+    """`--help` lists conf/analysis/ from the registry, each with the first paragraph of its
+    class's docstring, and imports no analysis (nor torch) to do it."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "intraneuron", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    section = done.stdout.split("== Analyses (analysis=<name>) ==")[1].split("==")[0]
+    listed = " ".join(section.split())  # the descriptions are wrapped
+    for name, target in available().items():
+        if target.startswith("(alias of "):
+            assert f"{name} alias of {target.removeprefix('(alias of ').rstrip(')')}" in listed
+            continue
+        summary = " ".join(inspect.getdoc(analysis_class(target)).split("\n\n")[0].split())
+        assert f"{name} {summary}" in listed, (name, section)
+    imported = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines()}
+    assert not {m for m in imported if m.split(".")[0] == "torch" or m.startswith("intraneuron.analyses")}
+
+
+@pytest.mark.parametrize(
+    ("option", "other", "changed"),
+    [("ward", "kmeans", "clustering.estimator"), ("kmeans", "kmeans_silhouette", "clustering.k_choice")],
+)
+def test_a_clustering_option_changes_one_thing(option, other, changed):
+    """A sweep over clustering options compares what their names say: ward vs kmeans the clusterer
+    alone (both choose K by the gap statistic), kmeans vs kmeans_silhouette the K rule alone."""
+    a, b = (pd.json_normalize(OmegaConf.to_container(compose_config(f"clustering={name}"))).iloc[0].to_dict()
+            for name in (option, other))  # fmt: skip
+    differ = {key for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+    assert differ and all(key == changed or key.startswith(f"{changed}.") for key in differ), differ

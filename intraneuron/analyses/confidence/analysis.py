@@ -24,7 +24,10 @@ FREQUENCY = ("corpus", "counts_file", "none")
 
 
 class ConfidenceAnalysis(Analysis):
-    """`analysis=confidence`: the null-space dimension, candidates, ablation sample and frequency source."""
+    """Entropy and token-frequency neurons: w_out in the unembedding's null space, mean ablations (Stolfo et al. 2024).
+
+    `analysis=confidence`: the null-space dimension, candidates, ablation sample and frequency source.
+    """
 
     name = "confidence"
     headline = {

@@ -33,7 +33,10 @@ SUMMARISED = ("mean", "std", "skew", "kurtosis", "frac_positive", "frac_near_zer
 
 
 class NeuronStatsAnalysis(Analysis):
-    """`analysis=neuron_stats`: how many top contexts to keep per neuron and how much text around them."""
+    """Per-neuron moments, skew, kurtosis, sparsity, histogram and top-k contexts (Gurnee et al. 2024).
+
+    `analysis=neuron_stats`: how many top contexts to keep per neuron and how much text around them.
+    """
 
     name = "neuron_stats"
     groups: ClassVar = {"neurons": NeuronsConfig}

@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 
 class TwoFoldAnalysis(Analysis):
-    """`analysis=two_fold`: homogeneity null, permutations, alpha, seed and workers."""
+    """Top-down categories and bottom-up activation segments of each neuron's core tokens (Pichat et al. 2025).
+
+    `analysis=two_fold`: homogeneity null, permutations, alpha, seed and workers.
+    """
 
     name = "two_fold"
     groups: ClassVar = {

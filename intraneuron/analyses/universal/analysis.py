@@ -21,7 +21,10 @@ DROPPABLE = ("bos", "eos", "pad", "newline")  # tokens whose rows can be left ou
 
 
 class UniversalAnalysis(Analysis):
-    """`analysis=universal`: the correlation site, partners kept, baseline, threshold and memory."""
+    """Universal neurons: each neuron's best correlates in other models against a rotation baseline (Gurnee et al. 2024).
+
+    `analysis=universal`: the correlation site, partners kept, baseline, threshold and memory.
+    """
 
     name = "universal"
     headline = {
