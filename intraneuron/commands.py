@@ -144,7 +144,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def show_command(args: argparse.Namespace) -> int:
-    from intraneuron.reports.compare import format_value, get_run
+    from intraneuron.reports.compare import get_run
 
     if args.neuron is not None:  # the card goes into --out, a file in its folder, or the current folder
         out = args.out or Path()
@@ -171,8 +171,19 @@ def show_command(args: argparse.Namespace) -> int:
         if metrics:
             print(f"layer {layer}:")
             for name in _headline_order(run, metrics):
-                print(f"  {name}: {format_value(float(metrics[name]))}")
+                print(f"  {name}: {_headline_value(run, layer, name, float(metrics[name]))}")
     return 0
+
+
+def _headline_value(run, layer: int, name: str, value: float) -> str:
+    """A headline metric's value; a NaN one with its reason (the run's `reason.L<l>/<name>` tag)."""
+    from intraneuron.reports.artifacts import reason_tag
+    from intraneuron.reports.compare import format_value
+
+    if value == value:
+        return format_value(value)
+    reason = run.data.tags.get(reason_tag(layer, name))
+    return f"nan ({reason})" if reason else "nan"
 
 
 def _show_neuron(client, run, neuron: int, layer: int | None, out: Path | None) -> int:
