@@ -18,7 +18,6 @@ import argparse
 import re
 import shutil
 import sys
-import textwrap
 from pathlib import Path
 
 from intraneuron.command_checks import check_out, checked_store
@@ -115,6 +114,7 @@ def compare_command(args: argparse.Namespace) -> int:
         sweep_table,
         write_summary,
     )  # fmt: skip
+    from intraneuron.reports.terminal import compare_text
 
     out = args.out if args.out is not None else Path(f"compare-{file_safe(args.target)}")
     check_out(args.out, out)
@@ -138,43 +138,15 @@ def compare_command(args: argparse.Namespace) -> int:
             raise CommandError(f"experiment {experiment.name!r} has no runs with headline metrics")
         title = f"Experiment {experiment.name}"
     print(title)
-    print(terminal_table(table))
+    # a terminal gets the table fitted to its width; a pipe or a file all of it, one line per row
+    print(compare_text(table, shutil.get_terminal_size().columns if sys.stdout.isatty() else None))
     paths = write_summary(table, out, title)
     print(f"\n{len(paths)} files in {out}/: summary.csv, summary.html, {len(paths) - 2} figures")
     return 0
 
 
-def terminal_table(table, width: int | None = None) -> str:
-    """The table as text, run names as the index. Wider than the terminal: headline columns get
-    abbreviated names (with a legend) and pandas wraps the columns into blocks."""
-    from intraneuron.reports.compare import format_value, metric_columns
-
-    width = width or shutil.get_terminal_size((120, 24)).columns
-    shown = table.set_index("run_name")
-    shown.index.name = None
-
-    def render(frame, line_width):
-        return frame.to_string(float_format=format_value, na_rep="", line_width=line_width)
-
-    text = render(shown, None)
-    if max(map(len, text.splitlines()), default=0) <= width:
-        return text
-    names = {m: abbreviate(m) for m in metric_columns(table)}
-    if len(set(names.values())) < len(names):
-        names = {}
-    pairs = {short.partition("/")[2]: long.partition("/")[2] for long, short in names.items() if short != long}
-    legend = textwrap.fill(", ".join(f"{s} = {n}" for s, n in pairs.items()), width)
-    return render(shown.rename(columns=names), width) + (f"\n\n{legend}" if legend else "")
-
-
-def abbreviate(metric: str, letters: int = 4) -> str:
-    """L0/differentiation_effect_median -> L0/diff_effe_medi (each word cut to `letters`)."""
-    layer, _, name = metric.partition("/")
-    return f"{layer}/" + "_".join(word[:letters] for word in name.split("_"))
-
-
 def show_command(args: argparse.Namespace) -> int:
-    from intraneuron.reports.compare import format_value, get_run
+    from intraneuron.reports.compare import get_run
 
     if args.neuron is not None:  # the card goes into --out, a file in its folder, or the current folder
         out = args.out or Path()
@@ -201,8 +173,19 @@ def show_command(args: argparse.Namespace) -> int:
         if metrics:
             print(f"layer {layer}:")
             for name in _headline_order(run, metrics):
-                print(f"  {name}: {format_value(float(metrics[name]))}")
+                print(f"  {name}: {_headline_value(run, layer, name, float(metrics[name]))}")
     return 0
+
+
+def _headline_value(run, layer: int, name: str, value: float) -> str:
+    """A headline metric's value; a NaN one with its reason (the run's `reason.L<l>/<name>` tag)."""
+    from intraneuron.reports.artifacts import reason_tag
+    from intraneuron.reports.compare import format_value
+
+    if value == value:
+        return format_value(value)
+    reason = run.data.tags.get(reason_tag(layer, name))
+    return f"nan ({reason})" if reason else "nan"
 
 
 def _show_neuron(client, run, neuron: int, layer: int | None, out: Path | None) -> int:

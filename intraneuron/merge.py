@@ -62,9 +62,12 @@ class MergedLayer:
     shard_run_ids: list[str]
     neurons: str  # the neurons covered, e.g. "0-31"
     headline: dict[str, float] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # why a NaN headline metric is (name -> reason)
 
     def line(self) -> str:
-        metrics = ", ".join(f"{name}={value:.3g}" for name, value in self.headline.items())
+        from intraneuron.reports.artifacts import headline_text
+
+        metrics = headline_text(self.headline, self.reasons)
         return (f"layer {self.layer}: merged {len(self.shard_run_ids)} shards (neurons {self.neurons}) "
                 f"into run {self.run_id}: {metrics}")  # fmt: skip
 
@@ -256,9 +259,9 @@ def merge_group(client, target_id: str, members: list[ShardRun], *, allow_gaps: 
         tables = [download_layer_tables(client, m.run_id, layer) for m in shards]
         covered = check_coverage(layer, shards, tables, allow_gaps=allow_gaps)
         result = analysis.merge_layer(run_config, layer, tables)
-        values = artifacts.log_layer_result(tracker, layer, result, headline)
+        values, reasons = artifacts.log_layer_result(tracker, layer, result, headline)
         layer_metrics[layer] = result.metrics
-        merged.append(MergedLayer(target_id, layer, [m.run_id for m in shards], covered, values))
+        merged.append(MergedLayer(target_id, layer, [m.run_id for m in shards], covered, values, reasons))
     for name, figure in analysis.run_figures(layer_metrics).items():
         tracker.log_figure(figure, artifacts.run_figure_path(name))
     # tagged once every layer is in: a run tagged merged holds the whole merge

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
@@ -32,6 +32,7 @@ RUN_PARAM_KEYS = ("layer", "model", "corpus", "extraction", "analysis")
 class JobSummary:
     run_id: str
     layers: dict[int, dict[str, float]]  # layer -> its headline metrics (readable name -> value)
+    reasons: dict[int, dict[str, str]] = field(default_factory=dict)  # layer -> why its NaN ones are (name -> reason)
 
 
 def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
@@ -90,7 +91,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     for layer in rc.layers:
         profile = profiles.pop(layer)  # held for this layer only (a many-layer job's profiles are large)
         result = analysis.analyse_layer(job, layer, profile)
-        summary.layers[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
+        summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
         layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()
@@ -155,8 +156,8 @@ def neuron_cards(cfg: DictConfig, layer: int, neurons: list[int], neurons_table=
 
 
 def describe(summary: JobSummary) -> str:
-    """The headline sentence of a job: each layer's headline metrics."""
+    """The headline sentence of a job: each layer's headline metrics, a NaN one with its reason."""
     return "\n".join(
-        f"layer {layer}: " + ", ".join(f"{name}={value:.3g}" for name, value in metrics.items())
+        f"layer {layer}: " + artifacts.headline_text(metrics, summary.reasons.get(layer, {}))
         for layer, metrics in summary.layers.items()
     )

@@ -3,6 +3,8 @@ and figures, the summary logged to the parent run, and the `compare` / `show` co
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,9 @@ from intraneuron.reports.compare import (
     MAX_FIGURES,
     NotFound,
     experiment_table,
+    format_value,
     metric_columns,
+    param_columns,
     summarise_sweep,
     sweep_figures,
     sweep_table,
@@ -254,12 +258,64 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(one_run, arg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]  # nothing written
 
 
-def test_very_wide_tables_abbreviate_the_headline_columns():
-    table = hand_made_table()
-    narrow = commands.terminal_table(table, width=60)
-    assert "L0/diff_frac" in narrow and "diff_frac = differentiated_frac" in narrow
-    wide = commands.terminal_table(table, width=400)
-    assert "L0/differentiated_frac" in wide
+def test_compare_into_a_pipe_prints_one_row_per_run_under_the_full_labels(sweep, tmp_path, capsys):
+    cwd, client, parent, children = sweep
+    argv = ["compare", parent.info.run_id, "--tracking-uri", uri_of(cwd), "--out", str(tmp_path / "out")]
+    assert commands.main(argv) == 0  # capsys: stdout is no terminal
+    lines = capsys.readouterr().out.splitlines()
+    (header,) = [line for line in lines if line.split()[:2] == ["run", "run_id"]]
+    labels = children[0].data.tags["intraneuron.headline"].split(",")
+    swept = param_columns(sweep_table(client, parent.info.run_id))
+    assert len(swept) >= 2
+    # every column head is a whole label or key: nothing cut, abbreviated or folded
+    assert header.split() == ["run", "run_id", "status", *swept, "layer", *labels]
+    assert "…" not in "\n".join(lines)
+
+    def span(name: str) -> tuple[int, int]:
+        found = re.search(rf"(?:^| ){re.escape(name)}(?= |$)", header)
+        return found.end() - len(name), found.end()
+
+    for child in children:
+        (row,) = [line for line in lines if child.info.run_id in line]  # one row each
+        left = {"run": child.info.run_name, "run_id": child.info.run_id, "status": "FINISHED",
+                **{key: child.data.params.get(key) or "" for key in swept}}  # fmt: skip
+        for name, text in left.items():  # under its head, left-aligned
+            assert row[span(name)[0] :].startswith(text), name
+        assert row[: span("layer")[1]].endswith(" 0")
+        for label in labels:  # each value under its label, right-aligned, none dropped
+            assert row[: span(label)[1]].endswith(" " + format_value(child.data.metrics[f"L0/{label}"])), label
+
+
+def test_a_narrow_terminal_gets_the_runs_then_their_metrics_in_tables_that_fit():
+    from intraneuron.analyses.two_fold.analysis import TwoFoldAnalysis
+    from intraneuron.reports.terminal import compare_text
+
+    labels = list(TwoFoldAnalysis.headline)
+    runs = ["tau=0.5", "tau=0.7", "tau=bad"]
+    table = pd.DataFrame({"run_name": runs, "run_id": ["a" * 32, "b" * 32, "c" * 32],
+                          "status": ["FINISHED", "FINISHED", "FAILED"], "core_tokens.tau": ["0.5", "0.7", "0.9"]})  # fmt: skip
+    for layer in (0, 1):
+        for j, label in enumerate(labels):  # integers, whole at 3 significant digits
+            table[f"L{layer}/{label}"] = [100 * run + 20 * layer + j if run < 2 else np.nan for run in range(3)]
+    text = compare_text(table, width=100)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100 and "…" not in text
+    assert [sum(run_id in line for line in lines) for run_id in table["run_id"]] == [1, 1, 1]
+    _, *metric_tables = text.split("\n\n")
+    assert 2 <= len(metric_tables) <= 4  # 13 labels, a few abreast
+    cells: dict[tuple[str, str], list[str]] = {}
+    for block in metric_tables:
+        rows = [line.split() for line in block.splitlines() if line.split()[:1] and line.split()[0] in runs]
+        assert [row[:2] for row in rows] == [["tau=0.5", "0"], ["tau=0.5", "1"], ["tau=0.7", "0"], ["tau=0.7", "1"],
+                                             ["tau=bad"]]  # fmt: skip
+        for run, *rest in rows[:4]:
+            cells.setdefault((run, rest[0]), []).extend(rest[1:])
+    for run in range(2):  # every value whole, in its run's and layer's row, in the labels' order
+        for layer in (0, 1):
+            expected = [format_value(float(100 * run + 20 * layer + j)) for j in range(len(labels))]
+            assert cells[(runs[run], str(layer))] == expected
+    for label in labels:  # each label heads a column, broken at its underscores only
+        assert all(any(piece in line for line in lines) for piece in label.replace("_", "_\n").split("\n")), label
 
 
 def test_a_metric_equal_in_every_run_gets_no_figure_and_is_named():

@@ -8,9 +8,10 @@ its constructor's parameters (validated once, in the constructor). It declares w
 - `requirements(run)`: which statistics the extraction pass must keep per layer, how many models,
   and whether it reads activations only or also intervenes (write hooks);
 
-and it answers, per layer, a `LayerResult`: named tables, flat metrics and optional figures, and
-per neuron selected for a card (`report` group), a `NeuronView`: its tokens grouped as the analysis
-sees them and its own figures. The runner does everything else (validation, loading, the cached
+and it answers, per layer, a `LayerResult`: named tables, flat metrics with the reason of each NaN
+one (a NaN headline is never shown without it) and optional figures, and per neuron selected for
+a card (`report` group), a `NeuronView`: its tokens grouped as the analysis sees them and its own
+figures. The runner does everything else (validation, loading, the cached
 extraction, the cards' contexts and histograms, logging), so a new analysis is one module plus one
 YAML file.
 
@@ -59,6 +60,9 @@ class LayerResult:
     tables: dict[str, pd.DataFrame]  # name -> table (layer_<l>/tables/<name>.parquet); empty ones are not logged
     metrics: dict[str, float]  # flat, "<part>/<statistic>": every aggregate (the summary table)
     figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure (L<l>_<name>.png)
+    # metric key -> why it is NaN, a short phrase ("no categories: K = 1 for 16 of 16 neurons"),
+    # at least for every NaN headline metric (analyses/reasons.py helps to write them)
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 class ShardMergeError(ValueError):
@@ -152,6 +156,11 @@ class Analysis(ABC, BaseEstimator):
         """Figures across the run's layers from each layer's metrics (layer -> LayerResult.metrics),
         logged at the root as <name>.png; none by default."""
         return {}
+
+    def missing_reason(self, row: Mapping[str, Any], column: str) -> str:
+        """Why `column` of a neuron's row of the neurons table is NaN (its card says so); "" when
+        the analysis cannot say, as by default."""
+        return ""
 
     def neuron_view(self, job: Job, layer: int, profile: ActivationProfile, neuron: int) -> NeuronView:
         """One neuron's tokens and figures for its card. By default: its distinct top-k tokens

@@ -20,6 +20,8 @@ OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
 ERROR_TEXT = "error.txt"  # full traceback of a failed job
 SUMMARY_TABLE = "summary"  # per layer: every aggregate metric of the analysis (metric, value)
 HEADLINE_TAG = "intraneuron.headline"  # the analysis's headline metric names, comma-separated
+REASON_TAG = "reason."  # + the key of a NaN headline metric ("reason.L0/differentiated_frac"): why
+NO_REASON = "the analysis gives no reason"  # a NaN headline whose analysis did not say why
 CARDS_DIR = "cards"  # neuron cards (L<l>_N<n>.html) and their index.html
 CARD_INDEX = f"{CARDS_DIR}/index.html"
 HTML_TABLES = ("neurons",)  # tables also logged as an HTML page, which the MLflow UI previews
@@ -33,6 +35,11 @@ def layer_prefix(layer: int | str) -> str:
 def layer_metric(layer: int | str, name: str) -> str:
     """MLflow key of a layer's headline metric: layer_metric(0, "differentiated_frac") -> "L0/differentiated_frac"."""
     return f"L{layer}/{name}"
+
+
+def reason_tag(layer: int | str, name: str) -> str:
+    """Tag saying why a layer's headline metric is NaN: reason_tag(0, "differentiated_frac") -> "reason.L0/differentiated_frac"."""
+    return REASON_TAG + layer_metric(layer, name)
 
 
 def table_path(layer: int | str, name: str) -> str:
@@ -65,17 +72,24 @@ def card_path(layer: int | str, neuron: int) -> str:
     return f"{CARDS_DIR}/L{layer}_N{neuron}.html"
 
 
-def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> dict[str, float]:
-    """Write one layer's LayerResult and return its headline metrics (readable name -> value).
+def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Write one layer's LayerResult; return its headline metrics (readable name -> value) and why
+    those that are NaN are (readable name -> reason).
 
     `headline` maps each readable name to its key in `result.metrics`; those are logged as MLflow
-    metrics, all of `result.metrics` goes to the summary table, non-empty tables as Parquet and
-    figures as PNG at the root. `tracker` is a tracking.RunLogger.
+    metrics, and the reason of each NaN one as a tag (`reason_tag`); all of `result.metrics` goes
+    to the summary table, non-empty tables as Parquet and figures as PNG at the root. `tracker` is
+    a tracking.RunLogger.
     """
+    import math
+
     import pandas as pd
 
     values = {name: float(result.metrics[key]) for name, key in headline.items() if key in result.metrics}
+    reasons = {name: result.reasons.get(headline[name]) or NO_REASON for name, value in values.items() if math.isnan(value)}
     tracker.log_metrics({layer_metric(layer, name): value for name, value in values.items()})
+    if reasons:
+        tracker.set_tags({reason_tag(layer, name): reason for name, reason in reasons.items()})
     summary = pd.DataFrame({"metric": list(result.metrics), "value": [float(v) for v in result.metrics.values()]})
     tables = {**result.tables, SUMMARY_TABLE: summary}
     for name, table in tables.items():
@@ -88,7 +102,14 @@ def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> d
             tracker.log_text(render_table(tables[name], f"Layer {layer}: {name}"), table_html_path(layer, name))
     for name, figure in result.figures.items():
         tracker.log_figure(figure, figure_path(layer, name))
-    return values
+    return values, reasons
+
+
+def headline_text(values: dict[str, float], reasons: dict[str, str]) -> str:
+    """A layer's headline metrics in a line, a NaN one with its reason: "neurons_analysed=94,
+    differentiated_frac=nan (no categories: K = 1 for 94 of 94 analysed neurons), ..."."""
+    return ", ".join(f"{name}={value:.3g}" + (f" ({reasons[name]})" if name in reasons else "")
+                     for name, value in values.items())  # fmt: skip
 
 
 def log_cards(tracker, cards: list, title: str) -> None:

@@ -11,6 +11,8 @@ import base64
 import math
 from functools import cache
 
+import numpy as np
+
 from intraneuron.reports.cards import NeuronCard
 
 POSITIVE = (214, 39, 40)  # shading of positive activations (red)
@@ -49,9 +51,12 @@ def png_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def format_stat(value) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.4g}"
+def format_stat(value, reason: str = "") -> str:
+    """A statistic as text; NaN as "nan" with why, when known (a blank reads as a missing value)."""
+    if isinstance(value, float | np.floating):
+        if math.isnan(value):
+            return f"nan ({reason})" if reason else "nan"
+        return f"{value:.4g}"
     return str(value)
 
 
@@ -76,8 +81,9 @@ def render_card(card: NeuronCard, index_href: str | None = "index.html") -> str:
         }
         for context in card.contexts
     ]
-    key = [(name, format_stat(card.stats[name])) for name in card.key_stats if name in card.stats]
-    other = [(name, format_stat(value)) for name, value in card.stats.items() if name not in card.key_stats]
+    key = [(name, format_stat(card.stats[name], card.missing.get(name, ""))) for name in card.key_stats if name in card.stats]
+    other = [(name, format_stat(value, card.missing.get(name, "")))
+             for name, value in card.stats.items() if name not in card.key_stats]  # fmt: skip
     view = {
         "title": f"L{card.layer} N{card.neuron} · {card.subtitle}",
         "layer": card.layer,

@@ -44,6 +44,7 @@ class NeuronCard:
     contexts: list[Context]
     scale: float  # activation that gets full shading: the neuron's top activation
     figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG, the analysis's then the histogram
+    missing: dict[str, str] = field(default_factory=dict)  # stat -> why it is NaN (Analysis.missing_reason)
 
 
 def select_neurons(table: pd.DataFrame, report, ranking: str | None, seed: tuple[int, ...] = ()) -> dict[int, str]:
@@ -154,6 +155,7 @@ def build_cards(job, analysis, layer: int, profile, neurons_table: pd.DataFrame 
         if histogram is not None:
             figures[HISTOGRAM_FIGURE] = histogram
         stats = rows.loc[neuron].to_dict() if neuron in rows.index else {}
+        missing = {name: analysis.missing_reason(stats, name) for name, value in stats.items() if _is_nan(value)}
         key_stats = list(dict.fromkeys(c for c in (ranking, *analysis.rank_by) if c)) if stats else []
         scale = float(top[neuron]) if top is not None and np.isfinite(top[neuron]) else _max_abs(view.token_groups)
         cards.append(NeuronCard(
@@ -161,9 +163,13 @@ def build_cards(job, analysis, layer: int, profile, neurons_table: pd.DataFrame 
             subtitle=f"{job.run.model.name} · analysis {analysis.name}",
             stats=stats, key_stats=key_stats,
             token_groups=view.token_groups, note=view.note, contexts=contexts[neuron],
-            scale=abs(scale) or 1.0, figures=figures,
+            scale=abs(scale) or 1.0, figures=figures, missing={k: why for k, why in missing.items() if why},
         ))  # fmt: skip
     return cards
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float | np.floating) and bool(np.isnan(value))
 
 
 def _max_abs(groups: dict[str, list[tuple[str, float]]]) -> float:

@@ -87,6 +87,12 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if _HEADLINE.match(str(c))]
 
 
+def split_metric(column: str) -> tuple[int, str]:
+    """A headline metric column's layer and label: "L0/differentiated_frac" -> (0, "differentiated_frac")."""
+    layer, name = _HEADLINE.match(column).groups()
+    return int(layer), name
+
+
 def param_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in RUN_COLUMNS and not _HEADLINE.match(str(c))]
 
@@ -207,8 +213,8 @@ def _order_metrics(metrics: set[str], runs: list) -> list[str]:
             order.setdefault(name, len(order))
 
     def key(metric: str):
-        layer, name = _HEADLINE.match(metric).groups()
-        return int(layer), order.get(name, len(order)), name
+        layer, name = split_metric(metric)
+        return layer, order.get(name, len(order)), name
 
     return sorted(metrics, key=key)
 

@@ -166,7 +166,8 @@ class ConfidenceAnalysis(Analysis):
         # how the weights were read (raw, or which TL processing steps), for the record
         steps = pd.DataFrame({"object": ["neuron weights"] * len(weights.steps) + ["unembedding"] * len(self.unembed_.steps),
                               "step": [*weights.steps, *self.unembed_.steps]})  # fmt: skip
-        return LayerResult(tables={"neurons": table, "weight_processing": steps}, metrics=metrics, figures=figures)
+        return LayerResult(tables={"neurons": table, "weight_processing": steps}, metrics=metrics, figures=figures,
+                           reasons=layer_reasons(table, metrics))  # fmt: skip
 
     def _select(self, table: pd.DataFrame, layer: int) -> dict[int, str]:
         """neuron -> "candidate" (top by the selection rule) or "random" (the baseline)."""
@@ -235,3 +236,17 @@ def layer_metrics(table: pd.DataFrame) -> dict[str, float]:
                 for stat, value in distribution(rows[column]).items():
                     metrics[f"{prefix}/{column}/{stat}"] = value
     return metrics
+
+
+def layer_reasons(table: pd.DataFrame, metrics: dict[str, float]) -> dict[str, str]:
+    """Why a layer metric is NaN: a mediated share (1 - |direct| / |total|) is undefined for
+    neurons whose ablation changes no loss at all (e.g. dead ones)."""
+    from intraneuron.analyses.reasons import counted, nan_reasons
+
+    rules = []
+    for role, prefix in (("candidate", "candidates"), ("random", "random"), ("known", "known")):
+        rows = table[table["known"]] if role == "known" else table[table["role"] == role]
+        if "mean_abs_dloss_te" in rows and len(rows) and (rows["mean_abs_dloss_te"] == 0).all():
+            why = "no loss effect: " + counted(["ablation changes no loss"] * len(rows), len(rows), f"{role} neurons")
+            rules += [(f"{prefix}/ln_mediated", why), (f"{prefix}/freq_mediated", why)]
+    return nan_reasons(metrics, rules)

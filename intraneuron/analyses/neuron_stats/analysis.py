@@ -30,6 +30,8 @@ MOMENTS = {
 }
 # per-neuron columns summarised over the layer as metrics "<column>/<mean|median|q..|n>"
 SUMMARISED = ("mean", "std", "skew", "kurtosis", "frac_positive", "frac_near_zero")
+NEAR_ZERO_UNDEFINED = ("0 is no bin edge of the activation histogram "
+                       "(extraction.hist_min, extraction.hist_max, extraction.hist_bins)")  # fmt: skip
 
 
 class NeuronStatsAnalysis(Analysis):
@@ -79,7 +81,7 @@ class NeuronStatsAnalysis(Analysis):
                 profile, neurons, job.windows.ids, job.token_texts, self.n_contexts, self.context_tokens
             ),
         }
-        return LayerResult(tables=tables, metrics=layer_metrics(table), figures={"moments": moments_figure(table, layer)})
+        return layer_result(tables, layer)
 
     def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
         """Every table is per neuron and every metric a summary over the neurons table, so the
@@ -88,8 +90,19 @@ class NeuronStatsAnalysis(Analysis):
 
         check_disjoint(shards)
         tables = {name: concat_by_neuron([s.get(name) for s in shards]) for name in ("neurons", "histogram", "contexts")}
-        table = tables["neurons"]
-        return LayerResult(tables=tables, metrics=layer_metrics(table), figures={"moments": moments_figure(table, layer)})
+        return layer_result(tables, layer)
+
+
+def layer_result(tables: dict[str, pd.DataFrame], layer: int) -> LayerResult:
+    """The layer's metrics and figure from its tables, and why a metric is NaN."""
+    from intraneuron.analyses.reasons import nan_reasons
+
+    table = tables["neurons"]
+    metrics = layer_metrics(table)
+    # frac_near_zero is NaN for every neuron when 0 is no bin edge of the histogram
+    near_zero = "" if table["frac_near_zero"].notna().any() else NEAR_ZERO_UNDEFINED
+    return LayerResult(tables=tables, metrics=metrics, figures={"moments": moments_figure(table, layer)},
+                       reasons=nan_reasons(metrics, [("frac_near_zero/", near_zero)]))  # fmt: skip
 
 
 def layer_metrics(table: pd.DataFrame) -> dict[str, float]:

@@ -143,8 +143,6 @@ class TwoFoldAnalysis(Analysis):
         self.vectors_ = None if embedding.per_layer else embedding.build(job.handle)
 
     def analyse_layer(self, job: Job, layer: int, profile) -> LayerResult:
-        from intraneuron.analyses.two_fold.figures import layer_figures
-
         started = time.perf_counter()
         groups = job.run.groups
         neurons = groups["neurons"].indices(job.handle.d_mlp)
@@ -159,7 +157,7 @@ class TwoFoldAnalysis(Analysis):
         rows = tables["neurons"]
         for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
-        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+        return self._result(layer, tables, metrics)
 
     def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
         """One layer from shard jobs over disjoint neuron sets: their per-neuron tables
@@ -167,7 +165,6 @@ class TwoFoldAnalysis(Analysis):
         seeded directions and pipeline) once, and the neurons' geometry excess and the layer
         metrics recomputed from them by the code `analyse_layer` runs, so the result is the one
         job's. analysis_seconds: the shards' sum."""
-        from intraneuron.analyses.two_fold.figures import layer_figures
         from intraneuron.analyses.two_fold.layer import TABLES
 
         check_disjoint(shards)
@@ -178,7 +175,22 @@ class TwoFoldAnalysis(Analysis):
         labelled = run.groups["clustering"].categories == "wordnet"
         metrics = self._layer_metrics(tables, labelled=labelled)
         metrics["analysis_seconds"] = float(sum(shard_metric(shard, "analysis_seconds") for shard in shards))
-        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha))
+        return self._result(layer, tables, metrics)
+
+    def _result(self, layer: int, tables: dict[str, pd.DataFrame], metrics: dict[str, float]) -> LayerResult:
+        """The LayerResult of the layer's tables and metrics: its figures and why a metric is NaN."""
+        from intraneuron.analyses.two_fold.figures import layer_figures
+        from intraneuron.analyses.two_fold.reasons import layer_reasons
+
+        reasons = layer_reasons(tables["neurons"], tables.get("pseudo_neurons"), metrics,
+                                mantel=self.n_mantel_permutations > 0)  # fmt: skip
+        return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha),
+                           reasons=reasons)  # fmt: skip
+
+    def missing_reason(self, row, column: str) -> str:
+        from intraneuron.analyses.two_fold.reasons import neuron_reason
+
+        return neuron_reason(row, column)
 
     def _layer_metrics(self, tables: dict[str, pd.DataFrame], *, labelled: bool) -> dict[str, float]:
         """The layer metrics (and, in place, the neurons table's geometry excess against the

@@ -36,17 +36,21 @@ from intraneuron.analyses.two_fold.topdown import (
 from intraneuron.errors import ConfigError
 from intraneuron.stats.permutation import SeedLike, make_rng
 
-# Every row has these keys, in this order, whatever was skipped (missing values are NaN), so rows
-# of a layer stack into one rectangular table.
-ROW_KEYS: tuple[str, ...] = (
-    "skipped", "topdown_skipped", "n_tokens", "act_max", "act_min", "act_mean",
-    # top-down (steps 4-6)
+# The top-down keys (steps 4-6): NaN when the neuron has no categories (row["topdown_skipped"]).
+TOPDOWN_KEYS: tuple[str, ...] = (
     "n_categories", "n_uncovered", "silhouette",
     "kruskal_h", "kruskal_p", "epsilon2", "anova_f", "anova_p", "eta2",
     "n_pairs", "diff_rate", "level_rho", "level_p", "low_mean_delta_gap",
     "overlap_mean", "overlap_iqr_mean", "overlap_frac_positive", "interleaving_mean",
     "interleaving_null_mean", "interleaving_z", "interleaving_p_less",
     "overlap_null_mean", "overlap_z", "overlap_p_less",
+)  # fmt: skip
+
+# Every row has these keys, in this order, whatever was skipped (missing values are NaN), so rows
+# of a layer stack into one rectangular table.
+ROW_KEYS: tuple[str, ...] = (
+    "skipped", "topdown_skipped", "n_tokens", "act_max", "act_min", "act_mean",
+    *TOPDOWN_KEYS,
     # bottom-up (steps 7-8)
     "n_segments_used", "n_top", "h_all", "h_top", "h_rest", "h_top_minus_rest", "z_top", "p_top",
     "p_top_permutations", "p_top_method",

@@ -134,7 +134,7 @@ class UniversalAnalysis(Analysis):
             "partners": partners_table(self.correlations_, layer, names, [h.d_mlp for h in job.others]),
             "percentiles": ranks,
         }
-        return LayerResult(tables=tables, metrics=metrics,
+        return LayerResult(tables=tables, metrics=metrics, reasons=layer_reasons(table, metrics, self.threshold),
                            figures=layer_figures(table, ranks, compared, layer, self.threshold))  # fmt: skip
 
     def run_figures(self, metrics: dict[int, dict[str, float]]) -> dict:
@@ -158,3 +158,17 @@ def layer_metrics(table: pd.DataFrame, ranks: pd.DataFrame, compared: list[str])
         for stat, value in distribution(ranks.loc[universal, column]).items():
             metrics[f"universal_percentile/{column}/{stat}"] = value
     return metrics
+
+
+def layer_reasons(table: pd.DataFrame, metrics: dict[str, float], threshold: float) -> dict[str, str]:
+    """Why a layer metric is NaN: no neuron has a partner correlation (all dead), or none is universal."""
+    from intraneuron.analyses.reasons import counted, nan_reasons
+
+    rules = []
+    if not table["mean_corr"].notna().any():  # a neuron constant over the corpus correlates with nothing
+        why = "no correlations: " + counted(["dead (constant over the corpus)"] * len(table), len(table))
+        rules += [(f"{column}/", why) for column in ("excess_corr", "mean_corr", "max_corr", "min_corr", "mean_baseline")]
+    if not table["universal"].any():
+        rules.append(("universal_percentile/", f"no universal neuron: excess correlation above "
+                      f"analysis.threshold={threshold:g} for 0 of {len(table)} neurons"))  # fmt: skip
+    return nan_reasons(metrics, rules)
