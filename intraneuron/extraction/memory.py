@@ -82,8 +82,12 @@ def batch_bytes(spec, settings, *, d_mlp: int, d_model: int, tokens_per_batch: i
     n = tokens_per_batch
     sites = n * (d_mlp + 2 * d_model) * 4  # neurons, layer input, MLP input
     work = n * d_mlp * (4 * 3 + 8)  # float32 copies (top-k, buffers, histogram position) + int64 bins
+    if "fold_token_types" in spec or "token_types" in spec:
+        work += n * d_mlp * (4 + 8)  # the batch's per-key sums [U_b <= N, D], float32 then float64
     if "pseudo_neurons" in spec:
         work += n * settings.pseudo_neurons * 4 * 6  # pre-activations (gate, up), calibrated, activations
+        # the MLP input on the calibration sample, held per layer until the sample is complete
+        work += settings.pseudo_calibration_windows * (tokens_per_batch // settings.batch_size) * d_model * 4
     return sites + work
 
 
