@@ -78,10 +78,25 @@ def _report(summary, cfg: DictConfig) -> None:
         log.info("%s", line)
     uri = cfg.tracking.tracking_uri
     log.info(
-        "results: MLflow run %s in %s (experiment %r); tables are its artifacts %s. "
-        "Browse: mlflow ui --backend-store-uri %s",
-        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"), uri,
+        "results: MLflow run %s in %s (experiment %r); tables are its artifacts %s. Browse: %s",
+        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"), _browse(summary.run_id, cfg),
     )
+
+
+def _browse(run_id: str, cfg: DictConfig) -> str:
+    """How to see the run's experiment in MLflow's UI, on its saved view of the headline metrics."""
+    from mlflow import MlflowClient
+
+    from intraneuron.tracking.hydra_job import launch_dir
+    from intraneuron.tracking.store import TrackingConfig, resolve
+    from intraneuron.tracking.ui import browse, ui_base, ui_command
+
+    tcfg = TrackingConfig.from_mapping(OmegaConf.to_container(cfg.tracking, resolve=True))
+    uri = resolve(tcfg, launch_dir()).tracking_uri  # absolute: the command works from any folder
+    try:
+        return browse(uri, MlflowClient(uri).get_run(run_id).info.experiment_id)
+    except Exception:  # the run is logged; a store that stopped answering costs the link only
+        return ui_command(uri) or ui_base(uri)
 
 
 def main():

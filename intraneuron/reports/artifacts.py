@@ -20,6 +20,7 @@ OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
 ERROR_TEXT = "error.txt"  # full traceback of a failed job
 SUMMARY_TABLE = "summary"  # per layer: every aggregate metric of the analysis (metric, value)
 HEADLINE_TAG = "intraneuron.headline"  # the analysis's headline metric names, comma-separated
+MAIN_HEADLINE_TAG = "intraneuron.headline.main"  # the one the experiment's runs table is sorted by
 CARDS_DIR = "cards"  # neuron cards (L<l>_N<n>.html) and their index.html
 CARD_INDEX = f"{CARDS_DIR}/index.html"
 HTML_TABLES = ("neurons",)  # tables also logged as an HTML page, which the MLflow UI previews
@@ -33,6 +34,12 @@ def layer_prefix(layer: int | str) -> str:
 def layer_metric(layer: int | str, name: str) -> str:
     """MLflow key of a layer's headline metric: layer_metric(0, "differentiated_frac") -> "L0/differentiated_frac"."""
     return f"L{layer}/{name}"
+
+
+def headline_tags(analysis) -> dict[str, str]:
+    """The tags naming an analysis's headline metrics and its main one (the first unless it says)."""
+    names = list(analysis.headline)
+    return {HEADLINE_TAG: ",".join(names), MAIN_HEADLINE_TAG: analysis.main_headline or names[0]}
 
 
 def table_path(layer: int | str, name: str) -> str:
