@@ -9,6 +9,7 @@
     intraneuron show <run id> [--neuron N] [--layer L]         # a run's or a neuron's summary
     intraneuron stale [--experiment NAME] [--mark]             # RUNNING runs whose process is gone
     intraneuron merge <sweep parent run id | sweep folder>     # shard runs -> whole layers
+    intraneuron ui [--tracking-uri URI] [--port N]             # MLflow's web UI over the store
 
 Each job is one MLflow run (a sweep nests its jobs under one parent run). A mistake in the config
 or a missing file ends the command with a one-line message naming the key and what is allowed.
@@ -100,7 +101,7 @@ def _browse(run_id: str, cfg: DictConfig) -> str:
 
 
 def main():
-    """`intraneuron compare|show|stale|merge ...` read results back (argparse); anything else is a Hydra job."""
+    """`intraneuron compare|show|stale|merge|ui ...` read results back (argparse); anything else is a Hydra job."""
     from intraneuron.commands import COMMANDS
 
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
