@@ -3,9 +3,9 @@
     intraneuron ui [--tracking-uri URI] [--port N]
 
 Starts `mlflow server` on 127.0.0.1 (`tracking.server.LocalMlflowServer`: one worker, no job
-runner, its own process group), waits until /health answers, brings each experiment's saved view of
-the headline metrics up to date (`tracking.view`) and prints its link, then serves until Ctrl-C or
-SIGTERM, which stop the server's whole process group. The store is the jobs' own: --tracking-uri,
+runner, its own process group), waits until /health answers, prints each experiment's link (the
+project's own opened on their saved view of the headline metrics, brought up to date first:
+`tracking.view`), then serves until Ctrl-C or SIGTERM, which stop the server's whole process group. The store is the jobs' own: --tracking-uri,
 else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db of the current folder, with the artifact
 folder beside the database. A bad port, a port in use, a store that is not there and a tracking
 server (which serves its own UI) are one line on stderr and exit status 1, before anything starts.
@@ -81,17 +81,21 @@ def ui_command(args: argparse.Namespace) -> int:
 
 
 def _links(uri: str, base: str) -> list[str]:
-    """Each active experiment's link, opened on its saved view (brought up to date first)."""
+    """Each active experiment's link: the project's own (with a view, or with runs of an analysis
+    from before the view) opened on its saved view, brought up to date first; others as they are."""
     from mlflow import MlflowClient
 
+    from intraneuron.reports.artifacts import HEADLINE_TAG
     from intraneuron.tracking.ui import experiment_url
     from intraneuron.tracking.view import VIEW_TAG, save_view
 
     client = MlflowClient(uri)
     lines = [f"MLflow UI at {base}"]
     for experiment in client.search_experiments():
-        save_view(client, experiment.experiment_id, experiment.tags.get(VIEW_TAG))
-        viewed = VIEW_TAG in client.get_experiment(experiment.experiment_id).tags
-        link = experiment_url(base, experiment.experiment_id, view=viewed)
-        lines.append(f"  experiment {experiment.name!r}: {link}")
+        eid = experiment.experiment_id
+        ours = VIEW_TAG in experiment.tags or client.search_runs([eid], f"tags.`{HEADLINE_TAG}` LIKE '%'", max_results=1)
+        if ours:
+            save_view(client, eid, experiment.tags.get(VIEW_TAG))
+        viewed = bool(ours) and VIEW_TAG in client.get_experiment(eid).tags
+        lines.append(f"  experiment {experiment.name!r}: {experiment_url(base, eid, view=viewed)}")
     return lines

@@ -71,21 +71,26 @@ def test_ui_serves_the_store_prints_the_saved_view_and_stops_whole_on_ctrl_c(pro
     expected = f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey="
     process, server = start_ui(cwd, "--port", str(port)), []
     try:
-        lines, link = printed_lines(process), None
-        while link is None:
+        lines, links = printed_lines(process), {}
+        while len(links) < 2:
             line = lines.get(timeout=START_LIMIT)
             assert line is not None, f"intraneuron ui ended with {process.wait()}: {process.stderr.read()}"
-            if "'first-hour'" in line:
-                link = line.split(": ", 1)[1]
+            if line.startswith("  experiment "):
+                name, link = line.removeprefix("  experiment ").split(": ", 1)
+                links[name] = link
+        link = links["'first-hour'"]
         assert link.startswith(expected)
+        # MLflow's own empty experiment is not the project's: no view is written into it
+        assert links["'Default'"] == f"{base}/#/experiments/0/runs?workflowType=machine_learning"
 
         with _HTTP.open(f"{base}/health", timeout=30) as response:
             assert response.status == 200 and response.read() == b"OK"
         with _HTTP.open(link, timeout=30) as response:  # the UI's page; the view is in the fragment
             assert response.status == 200 and b"<!doctype html>" in response.read().lower()
-        state = json.loads(json.loads(MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
-                                      .get_experiment(experiment_id).tags[VIEW_TAG])["state"])  # fmt: skip
+        client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+        state = json.loads(json.loads(client.get_experiment(experiment_id).tags[VIEW_TAG])["state"])
         assert state["orderByKey"] == "metrics.`L0/frac`"  # brought up to date by `ui`
+        assert VIEW_TAG not in client.get_experiment("0").tags
 
         server = psutil.Process(process.pid).children(recursive=True)
         assert len(server) >= 2, "no mlflow server and worker under intraneuron ui"  # server, uvicorn
