@@ -9,6 +9,7 @@
     intraneuron show <run id> [--neuron N] [--layer L]         # a run's or a neuron's summary
     intraneuron stale [--experiment NAME] [--mark]             # RUNNING runs whose process is gone
     intraneuron merge <sweep parent run id | sweep folder>     # shard runs -> whole layers
+    intraneuron ui [--tracking-uri URI] [--port N]             # MLflow's web UI over the store
 
 Each job is one MLflow run (a sweep nests its jobs under one parent run). A mistake in the config
 or a missing file ends the command with a one-line message naming the key and what is allowed.
@@ -89,21 +90,34 @@ def _report(summary, cfg: DictConfig) -> None:
     from intraneuron.reports.artifacts import table_path
     from intraneuron.runner import describe
     from intraneuron.tracking.redact import redact
-    from intraneuron.tracking.ui import ui_base
 
     for line in describe(summary).splitlines():
         log.info("%s", line)
     uri = redact(cfg.tracking.tracking_uri)
-    server = uri.startswith(("http://", "https://"))  # it serves its own UI
     log.info(
         "results: MLflow run %s in %s (experiment %r); tables are its artifacts %s. Browse: %s",
-        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"),
-        ui_base(uri) if server else f"mlflow ui --backend-store-uri {uri}",
+        summary.run_id, uri, cfg.tracking.experiment, table_path("<l>", "<name>"), redact(_browse(summary.run_id, cfg)),
     )
 
 
+def _browse(run_id: str, cfg: DictConfig) -> str:
+    """How to see the run's experiment in MLflow's UI, on its saved view of the headline metrics."""
+    from mlflow import MlflowClient
+
+    from intraneuron.tracking.hydra_job import launch_dir
+    from intraneuron.tracking.store import TrackingConfig, resolve
+    from intraneuron.tracking.ui import browse, ui_base, ui_command
+
+    tcfg = TrackingConfig.from_mapping(OmegaConf.to_container(cfg.tracking, resolve=True))
+    uri = resolve(tcfg, launch_dir()).tracking_uri  # absolute: the command works from any folder
+    try:
+        return browse(uri, MlflowClient(uri).get_run(run_id).info.experiment_id)
+    except Exception:  # the run is logged; a store that stopped answering costs the link only
+        return ui_command(uri) or ui_base(uri)
+
+
 def main():
-    """`intraneuron compare|show|stale|merge ...` read results back (argparse); anything else is a Hydra job."""
+    """`intraneuron compare|show|stale|merge|ui ...` read results back (argparse); anything else is a Hydra job."""
     from intraneuron.commands import COMMANDS
 
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:

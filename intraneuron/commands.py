@@ -1,9 +1,10 @@
-"""`intraneuron compare`, `show`, `stale` and `merge`: read results back from MLflow in the terminal.
+"""`intraneuron compare`, `show`, `stale`, `merge` and `ui`: read results back from MLflow.
 
     intraneuron compare <parent run id | experiment> [--tracking-uri URI] [--out DIR]
     intraneuron show <run id> [--neuron N [--layer L] [--out FILE]] [--tracking-uri URI]
     intraneuron stale [--tracking-uri URI] [--experiment NAME] [--mark]
     intraneuron merge <parent run id | sweep folder> [--allow-gaps] [--tracking-uri URI]
+    intraneuron ui [--tracking-uri URI] [--port N]      # MLflow's web UI (ui_server.py)
 
 Plain argparse, not Hydra: these read a store (`merge` also writes the merged layers back), they
 configure no job. Every failure the user can fix (an unknown run, experiment, layer or neuron, a
@@ -23,7 +24,7 @@ from pathlib import Path
 from intraneuron.command_checks import check_out, checked_store
 from intraneuron.tracking.redact import redact
 
-COMMANDS = ("compare", "show", "stale", "merge")
+COMMANDS = ("compare", "show", "stale", "merge", "ui")
 PROG = "intraneuron"
 _NOTE_TAGS = ("analysis", "layer", "hydra.overrides", "mlflow.parentRunId", "error")
 _NOTE_PARAMS = ("analysis._target_", "model.name", "layer")
@@ -83,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-gaps", action="store_true", help="merge a layer whose shards leave neurons out")
     merge.add_argument("--tracking-uri", help=uri_help)
     merge.set_defaults(handler=merge_command)
+    from intraneuron.ui_server import add_parser
+    add_parser(commands, uri_help)
     return parser
 
 
@@ -320,8 +323,7 @@ def stale_command(args: argparse.Namespace) -> int:
 def _running_runs(client, experiment_ids: list[str]) -> list:
     if not experiment_ids:
         return []
-    runs: list = []
-    token = None
+    runs, token = [], None
     while True:
         page = client.search_runs(experiment_ids, filter_string="attributes.status = 'RUNNING'",
                                   max_results=1000, page_token=token)  # fmt: skip
@@ -353,9 +355,7 @@ def _headline_order(run, metrics: dict) -> list[str]:
 
 def _full(value) -> str:
     """A neuron-table cell: numbers to 6 significant digits (the table has them in full)."""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def _listed(layers: list[int]) -> str:

@@ -266,7 +266,7 @@ def merge_group(client, target_id: str, members: list[ShardRun], *, allow_gaps: 
         tracker.log_figure(figure, artifacts.run_figure_path(name))
     # tagged once every layer is in: a run tagged merged holds the whole merge
     tracker.set_tags({MERGED_TAG: "true", MERGED_FROM_TAG: ",".join(m.run_id for m in members),
-                      artifacts.HEADLINE_TAG: ",".join(headline)})  # fmt: skip
+                      **artifacts.headline_tags(analysis)})  # fmt: skip
     return merged
 
 

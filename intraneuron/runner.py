@@ -86,7 +86,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
 
     summary = JobSummary(tracker.run_id, {})
     headline = dict(analysis.headline)
-    tracker.set_tags({artifacts.HEADLINE_TAG: ",".join(headline)})
+    tracker.set_tags(artifacts.headline_tags(analysis))
     cards, cards_seconds, layer_metrics = [], 0.0, {}
     for layer in rc.layers:
         profile = profiles.pop(layer)  # held for this layer only (a many-layer job's profiles are large)

@@ -23,7 +23,14 @@ import pytest
 from PIL import Image
 
 from intraneuron.reports import browser
-from intraneuron.reports.browser import BrowserError, capture, dump_dom, resolver_rules, screenshot
+from intraneuron.reports.browser import (
+    BrowserError,
+    capture,
+    dump_dom,
+    evaluate,
+    resolver_rules,
+    screenshot,
+)
 
 if browser.find_chromium() is None:
     if os.environ.get("CI"):
@@ -275,3 +282,11 @@ def test_capture_names_the_element_it_waited_for(tmp_path):
     with pytest.raises(BrowserError, match="timed out waiting for an element #never to click"):
         capture(page, tmp_path / "never.png", clicks=["#never"], timeout=3)
     assert not (tmp_path / "never.png").exists()
+
+
+def test_evaluate_waits_until_a_script_has_shown_the_value(tmp_path):
+    page = tmp_path / "late.html"
+    page.write_text("<body><script>setTimeout(() => { document.body.dataset.rows = '[1, 2]'; }, 700)</script>")
+    assert evaluate(page, "document.body.dataset.rows && JSON.parse(document.body.dataset.rows)", timeout=30) == [1, 2]
+    with pytest.raises(BrowserError, match="timed out waiting"):
+        evaluate(page, "document.body.dataset.never", timeout=3)

@@ -1,14 +1,17 @@
-"""A shared `mlflow server` over the store of a real two-job sweep: what its REST API serves.
+"""A shared `mlflow server` over the store of a real two-job sweep: what its REST API serves, and
+what its UI shows at the experiment's link the sweep printed.
 
 The sweep (ward vs kmeans on layer 0) is launched through the CLI into `store/mlflow.db`, with its
 artifacts under `store/artifacts/`; `mlflow server` is started on 127.0.0.1 on a free port over
 that store and stopped by its process id. Everything is read over plain HTTP (REST API 2.0 and the
-server's artifact download), the way the UI and remote clients see it.
+server's artifact download), the way the UI and remote clients see it, and the runs table in
+headless Chromium (skipped without it, except on CI).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.error
 import urllib.parse
@@ -18,9 +21,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from intraneuron.reports.artifacts import HEADLINE_TAG, figure_path, layer_metric
+from intraneuron.reports import browser
+from intraneuron.reports.artifacts import HEADLINE_TAG, MAIN_HEADLINE_TAG, figure_path, layer_metric
 from intraneuron.tracking.server import LocalMlflowServer, group_alive, pid_alive
 from intraneuron.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+from intraneuron.tracking.ui import DEFAULT_UI
 from tests.test_runner import BASE, launch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,6 +86,7 @@ def store(tmp_path_factory) -> Path:
                   "core_tokens.min_selectivity=0", f"layer={LAYER}", base=BASE)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert (cwd / "store" / "mlflow.db").is_file() and (cwd / "store" / "artifacts").is_dir()
+    (cwd / "sweep.out").write_text(done.stdout + done.stderr)  # what the sweep printed
     return cwd / "store"
 
 
@@ -215,3 +221,51 @@ def test_a_stopped_server_leaves_no_process_behind(store):
     assert not [pid for pid in workers if pid_alive(pid)]
     with pytest.raises(urllib.error.URLError):
         _HTTP.open(f"{server.url}/health", timeout=2)
+
+
+# The runs table (an AG Grid) once the wanted columns and rows are there: its rows as
+# {column key: cell text} (the pinned run-name cells and the scrolling cells share a row index),
+# the column it is sorted by, and where each wanted column stands.
+RUNS_TABLE = """(() => {
+  const wanted = %s, headers = {}, rows = {};
+  for (const h of document.querySelectorAll('.ag-header-cell[col-id]')) headers[h.getAttribute('col-id')] = h;
+  for (const row of document.querySelectorAll('.ag-row[row-index]'))
+    for (const cell of row.querySelectorAll('.ag-cell[col-id]'))
+      (rows[row.getAttribute('row-index')] ??= {})[cell.getAttribute('col-id')] = cell.innerText.trim();
+  const complete = Object.values(rows).filter(r => wanted.every(id => id in r));
+  if (!wanted.every(id => id in headers) || complete.length < %d) return null;
+  return {rows: complete,
+          sortedBy: Object.keys(headers).filter(id => headers[id].querySelector('.is-ordered-by')),
+          position: wanted.map(id => Number(headers[id].getAttribute('aria-colindex')))};
+})()"""
+
+
+def test_the_experiment_link_the_sweep_printed_opens_on_the_headline_metrics(server, sweep, store):
+    if browser.find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH: scripts/setup.sh should have installed Debian's chromium")
+        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
+    experiment, parent, children = sweep
+    printed = set(re.findall(r"Browse: intraneuron ui --tracking-uri \S+, then open (\S+)",
+                             (store.parent / "sweep.out").read_text()))  # fmt: skip
+    assert len(printed) == 1, printed  # every job of the sweep points at the same view
+    link = printed.pop()
+    assert link.startswith(f"{DEFAULT_UI}/#/experiments/{experiment['experiment_id']}/runs?")
+    assert "viewStateShareKey=" in link
+
+    tags = pairs(children[0]["data"]["tags"])
+    headline = [layer_metric(LAYER, name) for name in tags[HEADLINE_TAG].split(",")]
+    main = layer_metric(LAYER, tags[MAIN_HEADLINE_TAG])
+    wanted = [f"metrics.`{key}`" for key in headline]
+    table = browser.evaluate(
+        link.replace(DEFAULT_UI, server.url), RUNS_TABLE % (json.dumps(wanted), 1 + len(children)),
+        size=(4000, 900), timeout=240,
+    )  # fmt: skip
+    for child in children:
+        name = child["info"]["run_name"]
+        (row,) = [r for r in table["rows"] if name in r.get("attributes.`Run Name`", "").splitlines()]
+        logged = {m["key"]: m["value"] for m in child["data"]["metrics"]}
+        shown = {key: float(row[f"metrics.`{key}`"]) for key in headline}
+        assert shown == pytest.approx({key: logged[key] for key in headline}, rel=1e-9, nan_ok=True), name
+    assert table["sortedBy"] == [f"metrics.`{main}`"]
+    assert min(table["position"]) == table["position"][headline.index(main)]  # the main one comes first

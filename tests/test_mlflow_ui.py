@@ -67,7 +67,8 @@ def test_an_old_experiment_gets_the_kind_and_a_chosen_kind_is_kept(tcfg, client,
 def test_links_name_the_model_training_workflow_and_keep_credentials_out():
     assert ui_base("sqlite:////data/mlflow.db") == "http://127.0.0.1:5000"
     assert ui_base("https://alice:secret@mlflow.example.org:8443/base/") == "https://mlflow.example.org:8443/base"
-    assert experiment_url("sqlite:////x.db", "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert experiment_url("sqlite:////x.db", "7", view=False) == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
     assert run_url("http://h:5000", "7", "abc") == "http://h:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
 
 
@@ -280,7 +281,9 @@ def test_a_hydra_job_writes_its_run_id_to_its_output_folder(tcfg, client, tmp_pa
     assert info["experiment_id"] == experiment_id and info["experiment"] == "ui"
     assert info["tracking_uri"] == client.tracking_uri and info["parent_run_id"] is None
     assert info["ui_url"] == run_url(client.tracking_uri, experiment_id, run.run_id)
-    assert info["ui_command"] == f"mlflow ui --backend-store-uri {client.tracking_uri}"
+    assert info["experiment_url"] == (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+                                      "?workflowType=machine_learning&viewStateShareKey=intraneuron-headline")
+    assert info["ui_command"] == f"intraneuron ui --tracking-uri {client.tracking_uri}"
     assert client.get_run(run.run_id).data.tags["hydra.output_dir"] == str(output_dir)
 
 

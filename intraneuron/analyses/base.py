@@ -115,6 +115,9 @@ class Analysis(ABC, BaseEstimator):
     # metrics (L<l>/<name>), printed at the end and put in the run description; the rest of the
     # metrics go to the layer's summary table
     headline: ClassVar[Mapping[str, str]] = {}
+    # the headline a reader looks at first: the experiment's runs table in MLflow's UI is sorted by
+    # it, largest first (tracking/view.py). Empty: the first headline.
+    main_headline: ClassVar[str] = ""
     # columns of the neurons table that `report.top_by` may rank neurons by (largest first); the
     # first is the default. Empty: the analysis ranks no neurons (cards only for report.neurons/random).
     rank_by: ClassVar[tuple[str, ...]] = ()

@@ -22,6 +22,7 @@ SUMMARY_TABLE = "summary"  # per layer: every aggregate metric of the analysis (
 HEADLINE_TAG = "intraneuron.headline"  # the analysis's headline metric names, comma-separated
 REASON_TAG = "reason."  # + the key of a NaN headline metric ("reason.L0/differentiated_frac"): why
 NO_REASON = "the analysis gives no reason"  # a NaN headline whose analysis did not say why
+MAIN_HEADLINE_TAG = "intraneuron.headline.main"  # the one the experiment's runs table is sorted by
 CARDS_DIR = "cards"  # neuron cards (L<l>_N<n>.html) and their index.html
 CARD_INDEX = f"{CARDS_DIR}/index.html"
 HTML_TABLES = ("neurons",)  # tables also logged as an HTML page, which the MLflow UI previews
@@ -40,6 +41,12 @@ def layer_metric(layer: int | str, name: str) -> str:
 def reason_tag(layer: int | str, name: str) -> str:
     """Tag saying why a layer's headline metric is NaN: reason_tag(0, "differentiated_frac") -> "reason.L0/differentiated_frac"."""
     return REASON_TAG + layer_metric(layer, name)
+
+
+def headline_tags(analysis) -> dict[str, str]:
+    """The tags naming an analysis's headline metrics and its main one (the first unless it says)."""
+    names = list(analysis.headline)
+    return {HEADLINE_TAG: ",".join(names), MAIN_HEADLINE_TAG: analysis.main_headline or names[0]}
 
 
 def table_path(layer: int | str, name: str) -> str:

@@ -3,9 +3,9 @@
 Used for the README's images (neuron cards, MLflow's Compare view) and to test that HTML reports
 render. No Python browser package. `dump_dom` and `screenshot` use Chromium's one-shot flags
 (`--dump-dom`, `--screenshot=PATH`, https://developer.chrome.com/docs/automation-and-testing/headless-cli).
-`capture` is for a page that shows what matters only after a click (MLflow's Compare view previews
-an artifact once it is picked): it speaks the DevTools protocol over `--remote-debugging-pipe`
-(JSON messages ending in NUL on the browser's fds 3 and 4), so no port is opened.
+`capture` (a PNG) and `evaluate` (a value) wait for what a page shows only after a click or its
+data (MLflow's Compare view, its runs table): both speak the DevTools protocol over
+`--remote-debugging-pipe` (JSON messages ending in NUL on the browser's fds 3 and 4): no port opens.
 
 Each call gets a fresh temporary profile (removed afterwards) and runs in its own process group,
 which is killed whole on a timeout, so no browser process outlives the call. `--virtual-time-budget`
@@ -20,6 +20,7 @@ network resource of the page fails at once instead of hanging (the page still lo
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -137,40 +138,59 @@ def capture(
     The picture is the viewport at `size`; with `crop_to`, the page from its top down to the
     bottom of the elements matching that selector, the viewport first grown to reach them (an app
     laid out in 100vh scrolls inside itself: only a taller viewport shows more of it)."""
-    url = target_url(target)
     out = Path(out_png).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)  # a stale file must not pass for this call's picture
     width, height = (int(n) for n in size)
+    with _page(target, size, timeout, offline) as tools:
+        for selector in clicks:
+            tools.until(_CLICK % json.dumps(selector), f"an element {selector} to click")
+        for selector in dismiss:
+            tools.call("Runtime.evaluate", {"expression": _CLICK % json.dumps(selector)})
+        if ready:
+            tools.until(ready, f"the page to be ready ({ready})")
+        tools.settle()
+        params: dict = {"format": "png"}
+        if crop_to:
+            bottom_of = _BOTTOM_OF % json.dumps(crop_to)
+            bottom = tools.until(bottom_of, f"an element {crop_to}")
+            for _ in range(_GROW_STEPS):  # a taller viewport may move or grow the elements
+                if bottom <= height:
+                    break
+                height = tools.resize(width, int(bottom))
+                bottom = tools.until(bottom_of, f"an element {crop_to}")
+            clip = {"x": 0, "y": 0, "width": width, "height": min(int(bottom), height)}
+            params["clip"] = clip | {"scale": 1}
+        data = tools.call("Page.captureScreenshot", params)["data"]
+    out.write_bytes(base64.b64decode(data))
+    return out
+
+
+def evaluate(
+    target: str | Path,
+    expression: str,
+    *,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    timeout: float = 60,
+    offline: bool = True,
+):
+    """The value (as JSON gives it back) of a JavaScript expression in the page, once it is truthy:
+    what a single-page app shows once its data arrived, the expression being falsy until then."""
+    with _page(target, size, timeout, offline) as tools:
+        return tools.until(expression, "the page to show what the expression waits for")
+
+
+@contextlib.contextmanager
+def _page(target: str | Path, size: tuple[int, int], timeout: float, offline: bool):
+    """A browser over its DevTools pipe, with the page loaded in a viewport of `size`."""
+    url = target_url(target)
     # the browser may still be letting go of its profile when the folder is removed
-    profiles = tempfile.TemporaryDirectory(
-        prefix="intraneuron-chromium-", ignore_cleanup_errors=True
-    )
+    profiles = tempfile.TemporaryDirectory(prefix="intraneuron-chromium-", ignore_cleanup_errors=True)
     with profiles as profile:
         command = [*_command(url, size, offline, profile), "--remote-debugging-pipe", "about:blank"]
         with _DevTools(command, time.monotonic() + timeout, url) as tools:
-            tools.open(url, width, height)
-            for selector in clicks:
-                tools.until(_CLICK % json.dumps(selector), f"an element {selector} to click")
-            for selector in dismiss:
-                tools.call("Runtime.evaluate", {"expression": _CLICK % json.dumps(selector)})
-            if ready:
-                tools.until(ready, f"the page to be ready ({ready})")
-            tools.settle()
-            params: dict = {"format": "png"}
-            if crop_to:
-                bottom_of = _BOTTOM_OF % json.dumps(crop_to)
-                bottom = tools.until(bottom_of, f"an element {crop_to}")
-                for _ in range(_GROW_STEPS):  # a taller viewport may move or grow the elements
-                    if bottom <= height:
-                        break
-                    height = tools.resize(width, int(bottom))
-                    bottom = tools.until(bottom_of, f"an element {crop_to}")
-                clip = {"x": 0, "y": 0, "width": width, "height": min(int(bottom), height)}
-                params["clip"] = clip | {"scale": 1}
-            data = tools.call("Page.captureScreenshot", params)["data"]
-    out.write_bytes(base64.b64decode(data))
-    return out
+            tools.open(url, *(int(n) for n in size))
+            yield tools
 
 
 def resolver_rules(url: str, offline: bool) -> str | None:

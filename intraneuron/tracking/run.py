@@ -43,7 +43,8 @@ from intraneuron.tracking.signals import KILLED_RUN_ATTR, sigterm_as_interrupt
 
 # Callers that predate the split import these from here.
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve  # noqa: F401
-from intraneuron.tracking.ui import run_url, ui_base
+from intraneuron.tracking.ui import experiment_url, run_url, ui_base, ui_command
+from intraneuron.tracking.view import save_view
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,8 @@ def write_run_info(
     parent_run_id: str | None,
 ) -> Path | None:
     """`<hydra output dir>/mlflow_run.json`: the run a researcher looking at `outputs/<date>/<time>/`
-    is after, with the store to open it in (its password masked). A file that cannot be written costs
-    a warning only."""
+    is after, with the store to open it in, its page and its experiment's saved view in the UI, and
+    the command that serves a database store's UI. A file that cannot be written costs a warning only."""
     uri = redact(client.tracking_uri)
     server = urlparse(uri).scheme in ("http", "https")
     info = {
@@ -179,9 +180,10 @@ def write_run_info(
         "tracking_uri": ui_base(uri) if server else uri,  # a server's address without credentials
         "parent_run_id": parent_run_id,
         "ui_url": run_url(uri, experiment_id, run_id),
+        "experiment_url": experiment_url(uri, experiment_id),
     }
     if not server:
-        info["ui_command"] = f"mlflow ui --backend-store-uri {uri}"
+        info["ui_command"] = ui_command(uri)
     path = Path(job.output_dir) / RUN_INFO_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,6 +261,8 @@ def tracked_run(
                 record_failure(client, run_id, failure)
             if _end_run(client, run_id, status) and isinstance(failure, KeyboardInterrupt):
                 setattr(failure, KILLED_RUN_ATTR, run_id)  # for the command's last line (`stopped`)
+            if not isinstance(failure, KeyboardInterrupt):  # a stop is not held up by the store
+                save_view(client, experiment_id)  # the run's headline metrics and params join the view
 
 
 class TaskFailed(RuntimeError):

@@ -1,9 +1,15 @@
 """A local `mlflow server` over an existing store, for as long as a `with` block needs it.
 
-For tests that read a store over HTTP the way the UI and remote clients do, and for screenshots of
-the UI. The server listens on 127.0.0.1 only, on a free port, and runs in its own process group
-(it spawns uvicorn workers): stopping it signals the whole group and checks that no process of it
-is left. No mlflow import here: the server is `python -m mlflow server` of this interpreter.
+For `intraneuron ui`, for tests that read a store over HTTP the way the UI and remote clients do,
+and for screenshots of the UI. The server listens on 127.0.0.1 only, on a free port unless given
+one, and runs in its own process group (it spawns its uvicorn worker): stopping it signals the
+whole group and checks that no process of it is left. No mlflow import here: the server is
+`python -m mlflow server` of this interpreter.
+
+Settings that come up on a busy machine: one worker (`mlflow ui`'s default of four puts uvicorn's
+supervisor in charge, which kills a worker that does not answer its health check within 5 s, as
+one importing MLflow on two busy cores may not, and starts another: start-up never ends) and no job
+runner process. Uvicorn waits at most GRACE seconds for open connections (a browser's) on SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 START_TIMEOUT = 60.0  # seconds for the server to answer /health
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL, and for the processes to be gone
+GRACE = 3  # seconds uvicorn lets open requests finish after SIGTERM
 HOST = "127.0.0.1"
 
 # Requests go straight to 127.0.0.1, whatever proxy the environment names.
@@ -59,8 +66,9 @@ class LocalMlflowServer:
 
     Runs whose artifact location is a local path are listed and served from that path; proxied
     uploads would go to `artifacts_dir` (pass the store's own artifact folder, so nothing is
-    written elsewhere). The server's output goes to `log_path` (a temporary file, removed on stop,
-    when None); its tail is in the error when it fails to start.
+    written elsewhere; None: MLflow's default, ./mlartifacts of `cwd`). The server's output goes to
+    `log_path` (a temporary file, removed on stop, when None); its tail is in the error when it
+    fails to start. `port`: where to listen (default: a free port).
 
         with LocalMlflowServer("sqlite:////data/mlflow.db", Path("/data/artifacts")) as server:
             urllib.request.urlopen(f"{server.url}/health")
@@ -69,20 +77,24 @@ class LocalMlflowServer:
     def __init__(
         self,
         backend_uri: str,
-        artifacts_dir: str | Path,
+        artifacts_dir: str | Path | None,
         log_path: str | Path | None = None,
         *,
         cwd: str | Path | None = None,
+        port: int | None = None,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
     ):
         self.backend_uri = backend_uri
-        self.artifacts_dir = Path(artifacts_dir)
+        self.artifacts_dir = Path(artifacts_dir) if artifacts_dir is not None else None
         self._own_log = log_path is None
         self.log = Path(log_path) if log_path is not None else None
-        self.cwd = Path(cwd) if cwd is not None else self.artifacts_dir.parent
+        if cwd is None:
+            cwd = self.artifacts_dir.parent if self.artifacts_dir is not None else Path.cwd()
+        self.cwd = Path(cwd)
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.process: subprocess.Popen | None = None
+        self._chosen_port = port
         self.port: int | None = None
 
     @property
@@ -112,16 +124,16 @@ class LocalMlflowServer:
             handle, name = tempfile.mkstemp(prefix="mlflow-server-", suffix=".log")
             os.close(handle)
             self.log = Path(name)
-        self.port = free_port()
+        self.port = self._chosen_port or free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         # no job runner: the server and its one worker are the only processes
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        artifacts = [] if self.artifacts_dir is None else [
+            "--default-artifact-root", str(self.artifacts_dir), "--artifacts-destination", str(self.artifacts_dir)]
         command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", self.backend_uri,
-            "--default-artifact-root", str(self.artifacts_dir),
-            "--serve-artifacts", "--artifacts-destination", str(self.artifacts_dir),
-            "--host", HOST, "--port", str(self.port), "--workers", "1",
+            sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
+            "--serve-artifacts", *artifacts, "--host", HOST, "--port", str(self.port), "--workers", "1",
+            "--uvicorn-opts", f"--timeout-graceful-shutdown {GRACE}",
         ]  # fmt: skip
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(

@@ -163,7 +163,8 @@ def open_experiment(tcfg: TrackingConfig, base_dir: Path) -> tuple[MlflowClient,
     runs MLflow's migrations (several seconds); processes that start together on a new file (two
     multiruns, parallel jobs) would run them at once and fail, so for sqlite the connection and the
     experiment are made under a lock file next to the database. The experiment is marked as
-    classical ML (EXPERIMENT_KIND_TAG) unless it already carries a kind, which is the user's to choose.
+    classical ML (EXPERIMENT_KIND_TAG) unless it already carries a kind, which is the user's to choose,
+    and gets its saved view of the headline metrics (`view.py`) unless it has one.
     """
     from intraneuron.tracking.preflight import check_reachable
 
@@ -231,6 +232,8 @@ def _open_experiment(resolved: ResolvedTracking) -> tuple[MlflowClient, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from intraneuron.tracking.view import VIEW_TAG, new_view, save_view
+
     client = MlflowClient(tracking_uri=resolved.tracking_uri)
     experiment = client.get_experiment_by_name(resolved.experiment)
     if experiment is None:
@@ -238,7 +241,7 @@ def _open_experiment(resolved: ResolvedTracking) -> tuple[MlflowClient, str]:
             return client, client.create_experiment(
                 resolved.experiment,
                 artifact_location=resolved.artifact_location,
-                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, VIEW_TAG: new_view()},
             )
         except MlflowException as exc:  # another process created it between our two calls
             experiment = client.get_experiment_by_name(resolved.experiment)
@@ -252,4 +255,6 @@ def _open_experiment(resolved: ResolvedTracking) -> tuple[MlflowClient, str]:
         )
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # created before this tag, or by someone else
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in experiment.tags:  # printed links name the view before any run has ended
+        save_view(client, experiment.experiment_id, current="")
     return client, experiment.experiment_id

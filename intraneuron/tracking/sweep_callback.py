@@ -38,6 +38,7 @@ from intraneuron.tracking.redact import redact
 from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
 from intraneuron.tracking.signals import release_stop_signals, trap_stop_signals
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
+from intraneuron.tracking.view import save_view
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 _FAILED = RunStatus.to_string(RunStatus.FAILED)
@@ -166,6 +167,7 @@ class MlflowSweepCallback(Callback):
         else:
             status = _FINISHED
         client.set_terminated(parent_id, status=status)
+        save_view(client, experiment_id)  # with every job in: parallel jobs may have raced on it
         if status != _FINISHED and (counts[_FAILED] or counts[_KILLED] or not sweep_completed):
             _report(children, statuses, parent_id, sweep_completed, stopped)
 

@@ -42,6 +42,7 @@ class ConfidenceAnalysis(Analysis):
         "candidates_freq_mediated_median": "candidates/freq_mediated/median",
         "known_neurons_rho_rank_median": "known/rho_rank_median",
     }
+    main_headline = "top_rho"  # the layer's strongest entropy-neuron candidate (null-space fraction)
     rank_by = ("rho", "ln_mediated", "w_out_norm", "mean_abs_dentropy_te", "freq_projection")
 
     def __init__(

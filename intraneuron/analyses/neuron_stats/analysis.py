@@ -51,6 +51,7 @@ class NeuronStatsAnalysis(Analysis):
         "std_median": "std/median",
     }
 
+    main_headline = "kurtosis_median"  # heavy tails: the neurons that fire rarely and strongly
     rank_by = ("kurtosis", "skew", "max", "std", "frac_positive")  # report.top_by; the first is the default
 
     def __init__(self, n_contexts: int = 10, context_tokens: int = 12):

@@ -62,6 +62,8 @@ class TwoFoldAnalysis(Analysis):
         "differentiation_above_geometry_frac": "geometry/epsilon2_sig_frac_bh",
     }
 
+    main_headline = "differentiated_frac"
+
     # neurons-table columns a card selection ranks by (report.top_by); the first is the default:
     # how strongly the categories differ in activation
     rank_by = ("epsilon2", "h_top_minus_rest", "z_top", "mantel_rho", "silhouette", "act_max", "n_tokens")
