@@ -8,7 +8,9 @@ integer, string, core token, K and category was unchanged; real-neuron statistic
 2.3e-7 relative (type tables reduced per batch in float32 before their float64 sums) and what is
 derived from them by at most 4e-5 (a segment's mean near zero; 1e-5 otherwise); the geometry comparisons (`*_geometry`, `*_excess`, the
 pseudo-neurons' rows) moved by up to their own size, because the pseudo-neurons are now calibrated
-on windows strided across the corpus rather than on its first batch.
+on windows strided across the corpus rather than on its first batch. The second case's
+`clustering=kmeans` became `clustering=kmeans_silhouette` when the `kmeans` preset took the default
+K rule: the preset it was written with, renamed, not a change of numbers.
 
 Floats are compared at a relative tolerance of RTOL (absolute ATOL near zero): another CPU or
 another BLAS, numpy or scipy build in the lock's range moves the last few bits of a float (seen:
