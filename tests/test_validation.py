@@ -31,7 +31,10 @@ PACKAGE_DIR = Path(intraneuron.__file__).resolve().parent
 UNSET_VARIABLE = "INTRANEURON_TEST_UNSET_VARIABLE"
 
 # Keys of ConfigErrors that name an argument, not a config key (code mistakes raise ValueError).
-API_ARGUMENTS: dict[str, str] = {"--out": "the --out of `intraneuron show` and `intraneuron compare`"}
+API_ARGUMENTS: dict[str, str] = {
+    "--out": "the --out of `intraneuron show` and `intraneuron compare`",
+    "--port": "the --port of `intraneuron ui`",
+}
 
 
 @dataclass(frozen=True)
