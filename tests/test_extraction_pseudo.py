@@ -119,8 +119,8 @@ def test_identity_rotation_and_calibration_reproduce_the_source_neurons(handle, 
         np.testing.assert_allclose(pseudo.numpy(name), prof.numpy(name)[src], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(pseudo.numpy("type_mean"), prof.numpy("type_mean")[:, src], atol=1e-5)
     assert np.array_equal(pseudo.numpy("type_ids"), prof.numpy("type_ids"))
-    # histograms may differ only where a value sits within rounding of a bin edge
-    assert np.abs(pseudo.numpy("hist_counts") - prof.numpy("hist_counts")[src]).sum() <= 2
+    # pseudo-neurons get no histogram (only the real neurons' cards and tables read one)
+    assert "hist_counts" in prof.tensors and "hist_counts" not in pseudo.tensors
 
 
 def test_calibrated_pre_activations_match_the_source_on_the_calibration_sample(handle, small_windows):

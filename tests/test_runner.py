@@ -63,6 +63,12 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
     assert parent.data.metrics["sweep.jobs_total"] == len(children)
     summary = {f.path for f in client.list_artifacts(parent.info.run_id, "sweep_summary")}
     assert {"sweep_summary/summary.csv", "sweep_summary/summary.html"} <= summary
+    # the sweep's last line names its parent run, how to compare its jobs and where to see them
+    last = done.stdout.strip().splitlines()[-1]
+    parent_id = parent.info.run_id
+    assert last.startswith(f"sweep failed: MLflow parent run {parent_id} (")
+    assert f"Compare: intraneuron compare {parent_id} --tracking-uri sqlite:///" in last
+    assert f"#/experiments/{parent.info.experiment_id}/runs?" in last
 
     for child in children:
         params, tags = child.data.params, child.data.tags

@@ -25,6 +25,7 @@ import psutil
 import torch
 
 from intraneuron.errors import ConfigError
+from intraneuron.extraction.stats import PSEUDO_STATS
 from intraneuron.extraction.types import TypeKeys
 
 GB = 2**30
@@ -50,10 +51,13 @@ def layer_footprint(
     """The estimate for one layer of `spec` (extraction/stats.py names) with these dimensions;
     `on_host`: the tables' means are exported over their sums (TokenTypeTable.export)."""
     mean_bytes = 0 if on_host else 4
-    columns = [d_mlp] + ([settings.pseudo_neurons] if "pseudo_neurons" in spec else [])
+    layer_spec = spec
+    columns = [(d_mlp, layer_spec)]  # (columns, the stats they get): the neurons, the pseudo-neurons
+    if "pseudo_neurons" in layer_spec:
+        columns.append((settings.pseudo_neurons, PSEUDO_STATS.intersection(layer_spec)))
     max_bytes = 4 if settings.track_type_max else 0
     tables = export = 0
-    for c in columns:
+    for c, spec in columns:
         if "topk" in spec:
             tables += settings.top_k * c * 12  # float32 values + int64 positions
             export += settings.top_k * c * 20  # values, positions, token ids
@@ -71,7 +75,7 @@ def layer_footprint(
             else:
                 tables += n_types * (c * (8 + max_bytes) + 16)
                 export += n_types * c * mean_bytes
-    if "input_token_types" in spec:
+    if "input_token_types" in layer_spec:
         tables += n_types * (d_model * 8 + 16)
         export += n_types * d_model * mean_bytes
     return LayerFootprint(tables, export)

@@ -180,11 +180,11 @@ class PseudoNeurons(Stat):
     ) -> PseudoNeurons:
         """For the engine: the spec's neuron stats over `config.pseudo_neurons` columns (type tables
         keyed by `keys`, the pass's TypeKeys, and kept on `table_device`)."""
-        from intraneuron.extraction.stats import NEURON_STATS, CombinedStat
+        from intraneuron.extraction.stats import PSEUDO_STATS, CombinedStat
 
         read_in = pseudo_read_in(handle, layer, config.pseudo_neurons, config.pseudo_seed)
         inner = CombinedStat.build(
-            [s for s in spec if s in NEURON_STATS], d_mlp=read_in.n, d_model=handle.d_model,
+            [s for s in spec if s in PSEUDO_STATS], d_mlp=read_in.n, d_model=handle.d_model,
             keys=keys, vocab_size=vocab_size or handle.vocab_size, config=config, device=device,
             table_device=table_device,
         )

@@ -38,6 +38,7 @@ from intraneuron.tracking.redact import redact
 from intraneuron.tracking.run import PARENT_TAG, process_tags, record_failure, source_tags
 from intraneuron.tracking.signals import release_stop_signals, trap_stop_signals
 from intraneuron.tracking.store import TrackingConfig, open_experiment, resolve
+from intraneuron.tracking.ui import browse
 from intraneuron.tracking.view import save_view
 
 _FINISHED = RunStatus.to_string(RunStatus.FINISHED)
@@ -170,6 +171,7 @@ class MlflowSweepCallback(Callback):
         save_view(client, experiment_id)  # with every job in: parallel jobs may have raced on it
         if status != _FINISHED and (counts[_FAILED] or counts[_KILLED] or not sweep_completed):
             _report(children, statuses, parent_id, sweep_completed, stopped)
+        print(_end_line(client.tracking_uri, experiment_id, parent_id, status, counts), flush=True)
 
 
 class SweepFolderInUse(RuntimeError):
@@ -237,6 +239,16 @@ def _children(client: MlflowClient, experiment_id: str, parent_id: str) -> list[
         token = page.token
         if not token:
             return runs
+
+
+def _end_line(tracking_uri: str, experiment_id: str, parent_id: str, status: str, counts: dict[str, int]) -> str:
+    """The sweep's last line: its parent run, how its jobs ended, how to compare and browse them."""
+    jobs = ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n) or "no job"
+    uri = redact(tracking_uri)
+    return redact(
+        f"sweep {status.lower()}: MLflow parent run {parent_id} ({jobs}). "
+        f"Compare: intraneuron compare {parent_id} --tracking-uri {uri}. Browse: {browse(tracking_uri, experiment_id)}"
+    )
 
 
 def _report(
