@@ -135,6 +135,26 @@ def test_the_smoke_experiment_validates_with_every_analysis(analysis):
     assert run.model.name == "tiny-gpt2"
 
 
+def test_the_quick_experiment_is_the_default_job_on_a_prefix_and_a_sample():
+    default, quick = validate(compose_config()), validate(compose_config("experiment=quick"))
+    assert quick.model.name == default.model.name == "smollm2-135m" and quick.layers == default.layers
+    assert quick.corpus.name == default.corpus.name and quick.corpus.max_tokens == 131072
+    assert default.corpus.max_tokens is None
+    assert quick.groups["neurons"].select == "sample" and quick.groups["neurons"].n == 256
+    assert quick.extraction.pseudo_neurons == 512  # above the analysed null's minimum, under the default
+    assert type(quick.analysis) is type(default.analysis) and quick.report == default.report
+
+
+def test_long_extraction_passes_point_to_the_quick_experiment():
+    from intraneuron.extraction.engine import long_pass_hint
+
+    assert long_pass_hint(10.0, 1_000, 1_000_000) is None  # too early to tell
+    assert long_pass_hint(60.0, 900_000, 1_000_000) is None  # under five minutes left
+    hint = long_pass_hint(60.0, 100_000, 1_500_000)  # 1,667 tok/s: 14 minutes left
+    assert hint.startswith("extraction: about 14 min left at 1,667 tok/s") and "experiment=quick" in hint
+    assert (CONF_DIR / "experiment" / "quick.yaml").is_file()
+
+
 def test_help_lists_every_analysis_with_its_description(tmp_path):
     """`--help` lists conf/analysis/ from the registry, each with the first paragraph of its
     class's docstring, and imports no analysis (nor torch) to do it."""

@@ -173,7 +173,7 @@ def test_joblib_launcher_runs_two_jobs_at_a_time_and_lands_every_job(tmp_path):
 
 # the two-fold presets; those of other analyses (`override /analysis`) run in their own tests
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")
-                     if p.stem != "smoke" and "override /analysis" not in p.read_text())  # fmt: skip
+                     if p.stem not in ("smoke", "quick") and "override /analysis" not in p.read_text())  # fmt: skip
 
 
 @pytest.mark.slow

@@ -42,6 +42,21 @@ PROGRESS_CALLBACK_SECONDS = 5.0  # least time between two `on_progress` calls du
 ProgressCallback = Callable[[int, int], None]  # (tokens_done, tokens_total)
 
 
+LONG_PASS_SECONDS = 300.0  # a pass expected to run longer than this says so, and where a first look is
+ETA_AFTER_SECONDS = 30.0  # the rate is taken once the pass has run this long
+
+
+def long_pass_hint(elapsed: float, done: int, total: int) -> str | None:
+    """The line a long pass logs once: its time left at the rate so far, and the quick preset."""
+    if elapsed < ETA_AFTER_SECONDS or done <= 0 or done >= total:
+        return None
+    left = elapsed * (total - done) / done
+    if left < LONG_PASS_SECONDS:
+        return None
+    return (f"extraction: about {left / 60:.0f} min left at {done / elapsed:,.0f} tok/s ({done:,} of {total:,} "
+            "tokens); `experiment=quick` gives a first look at the default layer in about a minute")  # fmt: skip
+
+
 def progress_interval() -> float:
     """Seconds between progress-bar updates: live in a terminal, sparse in a log file."""
     return 0.5 if sys.stderr.isatty() else 60.0
@@ -279,7 +294,8 @@ def _run_pass(
         desc=f"extract layers {layers}", mininterval=progress_interval(),
     )
     sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
-    last_report = time.monotonic()
+    last_report = started = time.monotonic()
+    hinted = False
     calibration_inputs = {l: [] for l in layers}  # [B * (T - skip), M] per sample batch
     for layer in layers if sample else ():
         reducers[layer].stats["pseudo_neurons"].defer_until_calibrated()
@@ -313,6 +329,9 @@ def _run_pass(
             if sample and i == n_sample_batches - 1:  # the whole sample seen: calibrate
                 for layer in layers:
                     reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(calibration_inputs.pop(layer)))
+            if not hinted and (hint := long_pass_hint(time.monotonic() - started, tokens_done, tokens_total)):
+                log.info("%s", hint)
+                hinted = True
             if on_progress is not None and tokens_done < tokens_total:
                 now = time.monotonic()
                 if now - last_report >= PROGRESS_CALLBACK_SECONDS:
