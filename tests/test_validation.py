@@ -152,6 +152,8 @@ CASES = [
     case("core-min-selectivity", "core_tokens.min_selectivity=-0.5", key="core_tokens.min_selectivity"),
     case("core-repeats", "core_tokens=occurrence", "core_tokens.repeats=drop", key="core_tokens.repeats"),
     case("core-cross-fit-type", "core_tokens.cross_fit=sometimes", key="core_tokens.cross_fit"),
+    case("core-merge-variants-type", "core_tokens.merge_variants=sometimes", key="core_tokens.merge_variants"),
+    case("core-pool", "core_tokens.pool=subwords", key="core_tokens.pool"),
     # embedding
     case("embedding-source", "embedding.source=glove", key="embedding.source"),
     case("embedding-multi-token", "embedding=gpt2_xl_static", "embedding.multi_token=sum", key="embedding.multi_token"),

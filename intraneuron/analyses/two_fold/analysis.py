@@ -21,6 +21,7 @@ from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
 from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
+from intraneuron.analyses.two_fold.variants import VariantUnits, variant_keys, word_pool
 from intraneuron.embeddings.config import EmbeddingConfig
 from intraneuron.errors import ConfigError
 from intraneuron.extraction.engine import progress_interval
@@ -137,8 +138,13 @@ class TwoFoldAnalysis(Analysis):
             alpha=self.alpha,
             min_tokens=groups["core_tokens"].min_core_tokens,
         )
-        special_ids = getattr(job.handle.tokenizer, "all_special_ids", ())
-        self.keep_ = groups["core_tokens"].keep_mask(job.token_texts, special_ids)
+        core_tokens, tokenizer = groups["core_tokens"], job.handle.tokenizer
+        words = None
+        if core_tokens.pool == "words":
+            pieces = tokenizer.convert_ids_to_tokens(list(range(job.handle.vocab_size)))
+            words = word_pool(job.token_texts, pieces, job.windows.ids)
+        self.keep_ = core_tokens.keep_mask(job.token_texts, getattr(tokenizer, "all_special_ids", ()), words)
+        self.variants_ = variant_keys(job.token_texts) if core_tokens.merge_variants else None
         self.label_ = clustering.labeller(job.token_texts)
         self.category_names_ = clustering.category_names()
         embedding = groups["embedding"]
@@ -221,15 +227,17 @@ class TwoFoldAnalysis(Analysis):
         """The per-neuron tables of `neurons` of `profile` (the layer's, or its pseudo-neurons')."""
         from intraneuron.analyses.two_fold.layer import analyse_layer
 
-        groups, texts = job.run.groups, job.token_texts
+        groups = job.run.groups
         vectors = self._vectors(job, layer, profile if not pseudo else None)
-        cores = groups["core_tokens"].select(profile, neurons, self.keep_)
+        units = self._units(profile)
+        cores = groups["core_tokens"].select(profile, neurons, self.keep_, units)
+        embed, decode = self._unit_embed_decode(job, units, vectors)
         bar = tqdm(total=len(cores), unit="neuron", desc=progress_label,
                    disable=not job.run.extraction.progress, mininterval=progress_interval())  # fmt: skip
         tables = analyse_layer(
-            layer, cores, vectors.embed, self.neuron_,
+            layer, cores, embed, self.neuron_,
             label=self.label_,
-            decode=lambda ids: [texts[i] for i in ids],
+            decode=decode,
             read_in=self._read_in(job, layer, pseudo),
             seed=self.seed,
             stream=(1,) if pseudo else (),
@@ -238,6 +246,17 @@ class TwoFoldAnalysis(Analysis):
         )  # fmt: skip
         bar.close()
         return tables
+
+    def _units(self, profile) -> VariantUnits | None:
+        """The profile's variant units (core_tokens.merge_variants), or None when they stay apart."""
+        return None if self.variants_ is None else VariantUnits.from_profile(self.variants_, profile, self.keep_)
+
+    def _unit_embed_decode(self, job: Job, units: VariantUnits | None, vectors):
+        """(embed, decode) of core-token ids: over the forms of each unit when variants merge."""
+        texts = job.token_texts
+        if units is None:
+            return vectors.embed, lambda ids: [texts[i] for i in ids]
+        return units.embed(vectors.embed), units.describe(texts)
 
     def _read_in(self, job: Job, layer: int, pseudo: bool):
         """neuron -> its read-in directions [r, d_model], or None when the projection is off."""
@@ -277,13 +296,15 @@ class TwoFoldAnalysis(Analysis):
         from intraneuron.analyses.two_fold.geometry import project_out
         from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
 
-        groups, texts = job.run.groups, job.token_texts
-        core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_)[0]
+        groups, units = job.run.groups, self._units(profile)
+        core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_, units)[0]
+        embed, decode = self._unit_embed_decode(job, units, self._vectors(job, layer, profile))
         if core.skipped:
-            tokens = [(texts[i], float(a)) for i, a in zip(core.token_ids, core.acts, strict=True)]
+            tokens = list(zip(decode(core.token_ids), core.acts.tolist(), strict=True))
             return NeuronView({"core tokens": tokens}, note=core.skipped)
-        X, valid = self._vectors(job, layer, profile).embed(core.token_ids)
+        X, valid = embed(core.token_ids)
         ids, acts, X = core.token_ids[valid], core.acts[valid], X[valid]
+        texts = dict(zip(ids.tolist(), decode(ids), strict=True))
         if (read_in := self._read_in(job, layer, pseudo=False)) is not None:
             X = project_out(X, read_in(neuron))
         labels = self.label_(ids) if self.label_ is not None else None

@@ -14,7 +14,9 @@ its own activation distribution (`selectivity` in SDs, e.g. a dead neuron) is sk
 
 unit=occurrence merges the repeats of a token type among the top occurrences into one core token
 (their mean activation): repeats share one vector, and a permutation null that moved them
-independently would count one token's self-similarity as categorical homogeneity.
+independently would count one token's self-similarity as categorical homogeneity. For the same
+reason the surface variants of one word (" said", "said", " Said") are one core unit by default
+(`merge_variants`, two_fold/variants.py); `pool: words` keeps word-initial alphabetic tokens only.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import stats
 
+from intraneuron.analyses.two_fold.variants import VariantUnits
 from intraneuron.errors import ConfigError
 
 RULES = ("top_n", "fraction_of_max", "quantile", "positive")
 UNITS = ("type", "occurrence")
 REPEATS = ("merge", "keep")  # unit=occurrence: repeats of a type become one core token | stay apart
+POOLS = ("all", "words")  # candidates: every token | word-initial alphabetic tokens (no sub-word fragments)
 
 # Neurons are processed in column blocks of about this many float64 values, so a 49k-token
 # vocabulary times 6,400 neurons never materialises as one float64 copy.
@@ -190,6 +194,8 @@ class CoreTokensConfig:
     cross_fit: bool = True  # unit=type: choose on even windows, measure on odd windows
     min_selectivity: float = 1.0  # core-token mean over the neuron's corpus mean, in its SDs
     repeats: str = "merge"  # unit=occurrence: merge | keep (repeats of one type stay separate tokens)
+    merge_variants: bool = True  # case and leading-space variants of one word are one core unit
+    pool: str = "all"  # all | words: word-initial alphabetic tokens only (a sensitivity option)
 
     def validate(self) -> None:
         if self.unit not in UNITS:
@@ -203,6 +209,10 @@ class CoreTokensConfig:
             raise ConfigError("core_tokens.min_selectivity", self.min_selectivity, "a number of SDs >= 0")
         if self.repeats not in REPEATS:
             raise ConfigError("core_tokens.repeats", self.repeats, REPEATS)
+        if not isinstance(self.merge_variants, bool | np.bool_):
+            raise ConfigError("core_tokens.merge_variants", self.merge_variants, "true or false")
+        if self.pool not in POOLS:
+            raise ConfigError("core_tokens.pool", self.pool, POOLS)
 
     def check_against_top_k(self, top_k: int) -> None:
         """unit=occurrence draws from the extraction's top-k occurrences: it cannot ask for more."""
@@ -213,30 +223,39 @@ class CoreTokensConfig:
         if wanted is None or wanted > top_k:
             raise ConfigError(key, wanted, f"<= extraction.top_k={top_k} (occurrences kept per neuron)")
 
-    def keep_mask(self, token_texts: list[str], special_ids: Sequence[int] = ()) -> np.ndarray | None:
+    def keep_mask(self, token_texts: list[str], special_ids: Sequence[int] = (),
+                  words: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
         """[vocab] keep-mask of the core-token filters, or None when every filter is off.
-        special_ids: the tokenizer's special tokens, dropped when `drop_special`."""
+        special_ids: the tokenizer's special tokens, dropped when `drop_special`; words: [vocab]
+        bool, the word-only pool (`variants.word_pool`), needed when `pool` is "words"."""
         special = [i for i in special_ids if 0 <= i < len(token_texts)] if self.drop_special else []
-        if not (self.drop_whitespace_punct or self.drop_byte_fragments or special):
+        if self.pool == "words" and words is None:
+            raise ValueError("core_tokens.pool=words needs the word-only pool (variants.word_pool)")
+        if not (self.drop_whitespace_punct or self.drop_byte_fragments or special or self.pool == "words"):
             return None
         keep = token_filter_mask(token_texts, self.drop_whitespace_punct, self.drop_byte_fragments)
         keep[special] = False
+        if self.pool == "words":
+            keep &= words
         return keep
 
-    def select(self, profile, neurons: np.ndarray, keep_token: np.ndarray | None = None) -> list[CoreTokens]:
+    def select(self, profile, neurons: np.ndarray, keep_token: np.ndarray | None = None,
+               units: VariantUnits | None = None) -> list[CoreTokens]:  # fmt: skip
         """Core tokens of each neuron in `neurons` [m] from one layer's ActivationProfile.
 
         unit="type": candidates are the token types seen at least `min_count` times (in each half
         when cross-fitting), valued by their mean activation; unit="occurrence": the neuron's top-k
-        activating positions. keep_token: [vocab] bool, False for tokens the filters drop.
+        activating positions. keep_token: [vocab] bool, False for tokens the filters drop. units:
+        the profile's variant units (`merge_variants`; built with the same keep_token): candidates
+        are then units, valued and counted over all their forms, and named by their unit id.
         """
         neurons = np.asarray(neurons, dtype=np.int64)
         if self.unit == "occurrence":
-            cores = self._select_occurrences(profile, neurons, keep_token)
+            cores = self._select_occurrences(profile, neurons, keep_token, units)
         elif self.cross_fit:
-            cores = self._select_cross_fitted(profile, neurons, keep_token)
+            cores = self._select_cross_fitted(profile, neurons, keep_token, units)
         else:
-            cores = self._select_types(profile, neurons, keep_token)
+            cores = self._select_types(profile, neurons, keep_token, units)
         if self.min_selectivity > 0:
             cores = self._skip_unselective(profile, cores)
         return cores
@@ -245,10 +264,12 @@ class CoreTokensConfig:
     def _rule(self) -> tuple:
         return (self.rule, self.n, self.tau, self.q, self.max_tokens)
 
-    def _select_types(self, profile, neurons, keep_token) -> list[CoreTokens]:
-        type_ids = profile.numpy("type_ids")  # [T]
+    def _select_types(self, profile, neurons, keep_token, units) -> list[CoreTokens]:
+        type_ids, counts = profile.numpy("type_ids"), profile.numpy("type_count")  # [T] each
         values = profile.numpy("type_mean")[:, neurons]  # [T, m]
-        valid = profile.numpy("type_count") >= self.min_count  # [T]
+        if units is not None:
+            type_ids, counts, values = units.merge(type_ids, counts, values)  # [U], [U], [U, m]
+        valid = counts >= self.min_count  # [T] (or [U])
         if keep_token is not None:
             valid &= keep_token[type_ids]
         picked = select_core_tokens(values, valid, *self._rule)
@@ -257,12 +278,16 @@ class CoreTokensConfig:
             for j, (neuron, idx) in enumerate(zip(neurons, picked, strict=True))
         ]
 
-    def _select_cross_fitted(self, profile, neurons, keep_token) -> list[CoreTokens]:
+    def _select_cross_fitted(self, profile, neurons, keep_token, units) -> list[CoreTokens]:
         type_ids, counts, means = profile.split_type_stats()  # [T], [2, T], [2, T, D]
-        valid = (counts >= self.min_count).all(axis=0)  # [T]: enough occurrences in both halves
+        chosen_on, measured_on = means[0][:, neurons], means[1][:, neurons]  # [T, m] each
+        if units is not None:  # each half's unit means weigh the forms by that half's counts
+            (unit_ids, count_0, chosen_on), (_, count_1, measured_on) = (
+                units.merge(type_ids, counts[h], half) for h, half in enumerate((chosen_on, measured_on)))
+            type_ids, counts = unit_ids, np.stack([count_0, count_1])  # [U], [2, U]
+        valid = (counts >= self.min_count).all(axis=0)  # [T] (or [U]): enough occurrences in both halves
         if keep_token is not None:
             valid &= keep_token[type_ids]
-        chosen_on, measured_on = means[0][:, neurons], means[1][:, neurons]  # [T, m] each
         picked = select_core_tokens(chosen_on, valid, *self._rule)
         # the same rule on the other half gives the replication of the core set
         replicated = select_core_tokens(measured_on, valid, *self._rule)
@@ -277,11 +302,13 @@ class CoreTokensConfig:
                                     core_overlap=overlap, core_reliability=reliability))  # fmt: skip
         return cores
 
-    def _select_occurrences(self, profile, neurons, keep_token) -> list[CoreTokens]:
+    def _select_occurrences(self, profile, neurons, keep_token, units) -> list[CoreTokens]:
         token_ids = profile.numpy("topk_token_ids")[neurons]  # [m, K]
         values = profile.numpy("topk_values")[neurons].astype(np.float64)  # [m, K], -inf = unfilled
         if keep_token is not None:
             values = np.where(keep_token[token_ids], values, np.nan)  # NaN is never selected
+        if units is not None:  # an occurrence of a form is an occurrence of its unit
+            token_ids = units.unit_id(token_ids)
         if self.repeats == "keep":
             picked = select_core_tokens(values.T, None, *self._rule)
             return [
@@ -326,7 +353,8 @@ class CoreTokens:
     corpus the tokens were not chosen on when cross-fitting."""
 
     neuron: int
-    token_ids: np.ndarray  # [n] vocabulary ids (repeats only for unit=occurrence, repeats=keep)
+    token_ids: np.ndarray  # [n] vocabulary ids (of a variant unit: its most frequent form; repeats
+    # only for unit=occurrence, repeats=keep)
     acts: np.ndarray  # [n] mean activation of the type, or the occurrence's activation
     core_overlap: float = np.nan  # cross-fitting: share of the core set chosen again on the other half
     core_reliability: float = np.nan  # cross-fitting: Spearman of the two halves' means over the core
