@@ -58,6 +58,34 @@ def test_the_planted_entropy_neuron_is_found_and_acts_through_the_final_norm(run
     for name in ("unembedding_spectrum", "norm_vs_logit_var", "rho_distribution", "ablation_effects"):
         assert root.get(artifacts.figure_path(LAST, name), 0) > 10_000, name
     assert f"cards/L{LAST}_N{PLANTED}.html" in {a.path for a in client.list_artifacts(summary.run_id, "cards")}
+    check_intervals_and_noise(client, summary.run_id, table)
+
+
+def check_intervals_and_noise(client, run_id: str, table: pd.DataFrame) -> None:
+    """The bootstrap intervals over windows in the table, the metrics and the card; the W_U noise
+    check in a table, the metrics and the spectrum figure."""
+    from pathlib import Path
+
+    from intraneuron.analyses.confidence.bootstrap import INTERVAL_OF
+
+    ablated = table[table["role"] != ""]
+    for name in INTERVAL_OF:
+        lo, value, hi = (ablated[c].to_numpy(float) for c in (f"{name}_lo", name, f"{name}_hi"))
+        assert (lo <= value + 1e-6).all() and (value <= hi + 1e-6).all(), name
+    planted = table.set_index("neuron").loc[PLANTED]
+    assert planted["ln_mediated_lo"] > 0.9  # through the final norm in every resample of the windows
+    metrics = artifacts.load_summary(client, run_id, LAST)
+    candidates = ablated[ablated["role"] == "candidate"]["ln_mediated"].median()
+    assert metrics["candidates/ln_mediated/median_lo"] <= candidates <= metrics["candidates/ln_mediated/median_hi"]
+    assert {"random/mean_dentropy_te/median_lo", "known/ln_mediated/median_hi"} <= set(metrics)
+    card = Path(download_artifacts(run_id=run_id, artifact_path=f"cards/L{LAST}_N{PLANTED}.html",
+                                   tracking_uri=client.tracking_uri)).read_text()  # fmt: skip
+    assert f"[{planted['ln_mediated_lo']:.4g}, {planted['ln_mediated_hi']:.4g}]" in card
+    noise = pd.read_parquet(download_artifacts(run_id=run_id, tracking_uri=client.tracking_uri,
+                                               artifact_path=artifacts.table_path(LAST, "unembedding_noise")))  # fmt: skip
+    assert len(noise) == 8 and noise["in_null_space"].sum() == 4  # k = 4: the 2k smallest
+    assert metrics["unembedding_noise/exact_null"] == 1  # GPT-2's centred all-ones direction
+    assert metrics["unembedding_noise/noise_floor"] > 0 and metrics["unembedding_noise/draws"] == 3
 
 
 def test_the_random_direction_level_is_what_random_neurons_get(run_job, tiny_model_dirs):

@@ -149,13 +149,17 @@ def test_every_analysis_names_the_cause_of_its_nan_metrics():
     assert result.reasons == {key: NEAR_ZERO_UNDEFINED for key in result.metrics if key.startswith("frac_near_zero/")
                               and key != "frac_near_zero/n"}  # fmt: skip
 
-    dead = pd.DataFrame({"mean_corr": [np.nan] * 3, "universal": [False] * 3})
+    dead = pd.DataFrame({"mean_corr": [np.nan] * 3, "universal": [False] * 3, "universal_relative": [False] * 3})
     reasons = universal_reasons(dead, {"excess_corr/median": np.nan, "universal_percentile/kurtosis/median": np.nan,
-                                       "universal/frac": 0.0}, 0.5)  # fmt: skip
+                                       "relative_corr/median": np.nan, "universal/frac": 0.0,
+                                       "universal_relative_percentile/skew/median": np.nan}, 0.5, 0.6)  # fmt: skip
     assert reasons == {
         "excess_corr/median": "no correlations: dead (constant over the corpus) for 3 of 3 neurons",
+        "relative_corr/median": "no correlations: dead (constant over the corpus) for 3 of 3 neurons",
         "universal_percentile/kurtosis/median": "no universal neuron: excess correlation above "
         "analysis.threshold=0.5 for 0 of 3 neurons",
+        "universal_relative_percentile/skew/median": "no universal neuron: relative correlation above "
+        "analysis.relative_threshold=0.6 for 0 of 3 neurons",
     }
 
     table = pd.DataFrame({"role": ["candidate", "candidate", "random"], "known": False,

@@ -194,3 +194,121 @@ def test_a_correlation_cache_that_cannot_be_written_keeps_the_result(run_job, tm
     assert summary.layers and client.get_run(summary.run_id).info.status == "FINISHED"
     correlations = tmp_path / "cache" / "correlations"
     assert not correlations.exists() or not [p for p in correlations.iterdir() if not p.name.startswith(".")]
+
+
+# --- the baseline-relative score -------------------------------------------------------------------
+
+PLANTED = 8  # token-detector neurons planted in layer 0 of each seed (neurons 0-7)
+NULL_RATE = 0.01  # the stated rate: independent neurons past relative_threshold=0.5 at most this often
+
+
+def corpus_ids(tokenizer) -> np.ndarray:
+    from intraneuron.corpus.config import CorpusConfig
+
+    return np.asarray(CorpusConfig(name="tiny", source="gutenberg", window_len=64, max_tokens=8192).windows(tokenizer).ids)
+
+
+def plant_token_detectors(directory: Path, tokens: list[int], ids: np.ndarray) -> None:
+    """Neuron j of layer 0 becomes a detector of tokens[j] in this model's own residual stream:
+    w_in along Fisher's discriminant of the MLP input on that token against elsewhere, the bias half way between the
+    token's median pre-activation and the 99th percentile elsewhere; w_out = 0, so nothing else
+    in the model changes. Every seed that gets them computes the same function of the text."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(str(directory))
+    captured = []
+    hook = model.transformer.h[0].mlp.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        model(torch.from_numpy(ids.astype(np.int64)))
+    hook.remove()
+    x, flat = captured[0].reshape(-1, model.config.n_embd).double(), torch.from_numpy(ids.reshape(-1).copy())  # [N, d], [N]
+    with torch.no_grad():
+        mlp = model.transformer.h[0].mlp
+        for j, token in enumerate(tokens):
+            on = flat == token
+            within = torch.cov(torch.cat([x[on] - x[on].mean(0), x[~on] - x[~on].mean(0)]).T)  # [d, d]
+            v = torch.linalg.solve(within, x[on].mean(0) - x[~on].mean(0))  # Fisher's discriminant
+            v /= v.norm()
+            pre = x @ v
+            low, high = torch.quantile(pre[~on], 0.995), pre[on].median()
+            gain = 8.0 / float(high - low)
+            mlp.c_fc.weight[:, j] = (gain * v).float()  # Conv1D [d_model, d_mlp]
+            mlp.c_fc.bias[j] = -gain * float(low)
+            mlp.c_proj.weight[j] = 0.0
+    model.save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def planted_seeds(tmp_path_factory) -> list[Path]:
+    """Tiny GPT-2s (d_model 96: at 32 the detectors are noisy) from seeds 0, 1, 2, sharing nothing
+    but the tokenizer, each with PLANTED detectors of the same most frequent tokens in layer 0."""
+    from transformers import AutoTokenizer
+
+    from intraneuron.models.tiny import tiny_gpt2
+
+    dirs = [tiny_gpt2(tmp_path_factory.mktemp(f"seed{s}") / "m", seed=s, d_model=96) for s in range(3)]
+    tokenizer = AutoTokenizer.from_pretrained(str(dirs[0]))
+    ids = corpus_ids(tokenizer)
+    counts = np.bincount(ids[:, 1:].reshape(-1), minlength=len(tokenizer))
+    counts[[tokenizer.eos_token_id, *tokenizer.encode("\n")]] = 0  # rows the analysis drops
+    tokens = np.argsort(counts)[::-1][:PLANTED].tolist()
+    for directory in dirs:
+        plant_token_detectors(directory, tokens, ids)
+    return dirs
+
+
+def test_planted_universal_neurons_pass_the_relative_threshold_and_independent_ones_do_not(run_job, planted_seeds):
+    from scipy import stats
+
+    a, b, c = planted_seeds
+    summary, client = run_job(*BASE, "layer=[0,1,2]", f"model.source={a}", others(("b", b), ("c", c)),
+                              "analysis.weights=false")  # fmt: skip
+    tables = {layer: neurons(client, summary.run_id, layer) for layer in (0, 1, 2)}
+    planted = tables[0].iloc[:PLANTED]
+    assert planted["universal_relative"].all() and (planted["relative_corr"] > 0.9).all()
+    # a random mix of the other seed's neurons already tracks a frequent token (baselines 0.6-0.9),
+    # so the excess (<= 1 - baseline) misses every one of them
+    assert (planted["mean_baseline"] > 0.5).all() and not planted["universal"].any()
+    for name in ("b", "c"):  # each detector's partner is the other seed's detector of the same token
+        assert (planted[f"partner_layer_{name}"] == 0).all()
+        assert (planted[f"partner_neuron_{name}"] == planted["neuron"]).all()
+    independent = pd.concat([tables[0].iloc[PLANTED:], tables[1], tables[2]])
+    passed = int(independent["universal_relative"].sum())
+    # at the stated rate: more than binom.isf(0.001) of n would happen once in a thousand at NULL_RATE
+    assert passed <= stats.binom.isf(0.001, len(independent), NULL_RATE), passed
+    assert independent["relative_corr"].abs().median() < 0.1
+    assert summary.layers[0]["universal_relative_frac"] == pytest.approx(tables[0]["universal_relative"].mean())
+
+
+def test_the_relative_score_equals_a_brute_force_computation(run_job, reference_dir, permuted):
+    """Max correlations and rotation baselines from the full activation matrices of two other
+    models, then (mean corr - mean baseline) / (1 - mean baseline)."""
+    from intraneuron.extraction.contexts import window_activations
+    from intraneuron.extraction.lockstep import LockstepSettings, _rotation
+    from intraneuron.models.loading import load_model
+
+    directory, _ = permuted
+    other_dirs = [directory, reference_dir]  # the reference itself: correlation 1, relative 1
+    summary, client = run_job(*BASE, "layer=1", f"model.source={reference_dir}",
+                              others(("b", other_dirs[0]), ("c", other_dirs[1])), "analysis.drop_tokens=[]",
+                              "analysis.weights=false")  # fmt: skip
+    a = load_model(str(reference_dir))
+    ids = corpus_ids(a.tokenizer)
+    acts = lambda handle, layer: window_activations(handle, ids, layer, "mlp.hook_post",  # noqa: E731
+                                                    np.arange(handle.d_mlp))[:, 1:].reshape(-1, handle.d_mlp)  # fmt: skip
+    reference = acts(a, 1).astype(np.float64)  # [N, D]; position 0 is skipped by the pass
+    corr, base = [], []
+    settings = LockstepSettings(baseline="rotation", seed=0)
+    for m, path in enumerate(other_dirs):
+        other = load_model(str(path))
+        layers = [acts(other, layer).astype(np.float64) for layer in range(3)]
+        rotated = [x @ _rotation(other.d_mlp, settings, m, layer, "cpu").double().numpy().T for layer, x in enumerate(layers)]
+        D = a.d_mlp
+        corr.append(np.corrcoef(reference.T, np.concatenate(layers, axis=1).T)[:D, D:].max(1))
+        base.append(np.corrcoef(reference.T, np.concatenate(rotated, axis=1).T)[:D, D:].max(1))
+    mean_corr, mean_base = np.mean(corr, axis=0), np.mean(base, axis=0)
+    expected = (mean_corr - mean_base) / (1 - mean_base)
+    table = neurons(client, summary.run_id, 1)
+    np.testing.assert_allclose(table["mean_baseline"], mean_base, atol=1e-4)
+    np.testing.assert_allclose(table["relative_corr"], expected, atol=5e-4)
+    np.testing.assert_array_equal(table["universal_relative"], expected > 0.5)

@@ -224,6 +224,8 @@ CASES = [
     case("universal-baseline", "analysis=universal", "analysis.baseline=shuffle", "+models.others=[{name: b}]",
          key="analysis.baseline"),
     case("universal-threshold", "analysis=universal", "analysis.threshold=5", key="analysis.threshold"),
+    case("universal-relative-threshold", "analysis=universal", "analysis.relative_threshold=1.0",
+         key="analysis.relative_threshold"),
     case("universal-site", "analysis=universal", "analysis.site=hook_resid_pre", key="analysis.site"),
     case("universal-top-k", "analysis=universal", "analysis.top_k=0", key="analysis.top_k"),
     case("universal-drop-tokens", "analysis=universal", "analysis.drop_tokens=[spaces]", key="analysis.drop_tokens"),
@@ -255,6 +257,8 @@ CASES = [
          "analysis.counts_file=/nonexistent/counts.json", key="analysis.counts_file"),
     case("confidence-counts-file-unset", "analysis=confidence", "analysis.frequency=counts_file",
          key="analysis.counts_file"),
+    case("confidence-bootstrap", "analysis=confidence", "analysis.bootstrap=20", key="analysis.bootstrap"),
+    case("confidence-noise-draws", "analysis=confidence", "analysis.noise_draws=-1", key="analysis.noise_draws"),
     # report
     case("report-top-by-unknown", "report.top_by=nonsense", key="report.top_by"),
     case("report-top-by-of-another-analysis", "analysis=neuron_stats", "report.top_by=epsilon2",

@@ -2,6 +2,7 @@
 
     neuron_weights(handle, layer, processed=True) -> NeuronWeights   w_in, b_in, w_out (+ gate/up)
     unembedding(handle, processed=True)          -> Unembedding     W_U, b_U, the final norm
+    processed_W_U(W_U, norm)                     -> W_U processed   (linear: noise maps the same way)
 
 Everything is a float32 torch tensor on the CPU, copied out of the model (never a view of its
 parameters, so tied weights such as GPT-2's W_U = W_E are never touched). Shapes are TL's:
@@ -235,16 +236,24 @@ def unembedding(handle: Any, processed: bool = True, n_vocab: int | None = None)
         if norm.kind == "layernorm":
             b_U = b_U + norm.bias @ W_U
             steps.append("fold final-norm bias into b_U")
-        W_U = W_U * norm.gain[:, None]
+        W_U = processed_W_U(W_U, norm)
         steps.append("fold final-norm gain into W_U")
         if norm.kind == "layernorm":
-            W_U = W_U - W_U.mean(0, keepdim=True)
             steps.append("centre W_U over d_model")
-        W_U = W_U - W_U.mean(1, keepdim=True)
         b_U = b_U - b_U.mean()
         steps.append("centre W_U and b_U over vocab")
         norm = Norm(norm.kind, torch.ones_like(norm.gain), torch.zeros_like(norm.bias), norm.eps)
     return Unembedding(W_U, b_U, norm, processed, tuple(steps))
+
+
+def processed_W_U(W_U: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """The processing of a raw W_U [d_model, vocab] under the final norm `norm`: gain folded in,
+    centred over d_model (LayerNorm only) and over the vocabulary. Linear in W_U, so it maps a
+    perturbation of the raw weights (e.g. simulated quantisation noise) the same way."""
+    W_U = W_U * norm.gain[:, None]
+    if norm.kind == "layernorm":
+        W_U = W_U - W_U.mean(0, keepdim=True)
+    return W_U - W_U.mean(1, keepdim=True)
 
 
 def _check_processable(handle: Any, layout: WeightLayout, processed: bool) -> None:

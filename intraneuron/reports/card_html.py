@@ -60,6 +60,15 @@ def format_stat(value, reason: str = "") -> str:
     return str(value)
 
 
+def stat_text(card: NeuronCard, name: str) -> str:
+    """A statistic of the card's row, with its interval when the row has <name>_lo and <name>_hi."""
+    text = format_stat(card.stats[name], card.missing.get(name, ""))
+    lo, hi = card.stats.get(f"{name}_lo"), card.stats.get(f"{name}_hi")
+    if isinstance(lo, float | np.floating) and isinstance(hi, float | np.floating) and math.isfinite(lo) and math.isfinite(hi):
+        text += f" [{lo:.4g}, {hi:.4g}]"
+    return text
+
+
 def render_card(card: NeuronCard, index_href: str | None = "index.html") -> str:
     """The card's HTML page."""
     scale = card.scale
@@ -81,9 +90,10 @@ def render_card(card: NeuronCard, index_href: str | None = "index.html") -> str:
         }
         for context in card.contexts
     ]
-    key = [(name, format_stat(card.stats[name], card.missing.get(name, ""))) for name in card.key_stats if name in card.stats]
-    other = [(name, format_stat(value, card.missing.get(name, "")))
-             for name, value in card.stats.items() if name not in card.key_stats]  # fmt: skip
+    bounds = {f"{name}_{end}" for name in card.stats for end in ("lo", "hi")
+              if f"{name}_lo" in card.stats and f"{name}_hi" in card.stats}  # fmt: skip
+    key = [(name, stat_text(card, name)) for name in card.key_stats if name in card.stats]
+    other = [(name, stat_text(card, name)) for name in card.stats if name not in card.key_stats and name not in bounds]
     view = {
         "title": f"L{card.layer} N{card.neuron} · {card.subtitle}",
         "layer": card.layer,

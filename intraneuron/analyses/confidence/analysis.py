@@ -7,7 +7,9 @@ causal test for the top candidates by rho and for random neurons of the same lay
 ablation with the final norm recomputed (total effect) against the norm scale frozen (direct
 effect), so the share of the loss effect that goes through the final norm is measured, and the
 same with the frequency direction frozen. Final-layer effects are analytic (r' = r + (mean - a)
-w_out, exact, many neurons per step); other layers rerun the model through write hooks.
+w_out, exact, many neurons per step); other layers rerun the model through write hooks. The
+effects get 95% percentile intervals from a bootstrap over windows (bootstrap.py), and W_U's
+bottom singular values are compared with simulated Q8_0 de-quantisation noise (quantisation.py).
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ConfidenceAnalysis(Analysis):
         frequency: str = "corpus",
         counts_file: str | None = None,
         known_neurons: list[int] | None = None,
+        bootstrap: int = 1000,
+        noise_draws: int = 3,
         seed: int = 0,
     ):
         self.k = k
@@ -69,6 +73,8 @@ class ConfidenceAnalysis(Analysis):
         self.frequency = frequency
         self.counts_file = counts_file
         self.known_neurons = known_neurons
+        self.bootstrap = bootstrap
+        self.noise_draws = noise_draws
         self.seed = seed
         if k is not None and k < 1:
             raise ConfigError("analysis.k", k, "null (the paper's k, else 1% of d_model) or an integer >= 1")
@@ -77,6 +83,10 @@ class ConfidenceAnalysis(Analysis):
         for key in ("candidates", "random_neurons", "n_windows"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"analysis.{key}", getattr(self, key), "an integer >= 1")
+        if bootstrap != 0 and bootstrap < 100:  # fewer leave a 2.5% tail of two or three replicates
+            raise ConfigError("analysis.bootstrap", bootstrap, "0 (no intervals) or an integer >= 100")
+        if noise_draws < 0:
+            raise ConfigError("analysis.noise_draws", noise_draws, "0 (no check) or an integer >= 1")
         if skip_first < 0:
             raise ConfigError("analysis.skip_first", skip_first, "an integer >= 0")
         if frequency not in FREQUENCY:
@@ -128,6 +138,13 @@ class ConfidenceAnalysis(Analysis):
         self.unembed_ = unembedding(job.handle, self.processed)
         self.U_, self.S_ = unembedding_spectrum(self.unembed_.W_U)
         self.k_ = self.k if self.k is not None else paper_k(job.handle.model_id, job.handle.d_model)
+        self.noise_ = None
+        if self.noise_draws:
+            from intraneuron.analyses.confidence.quantisation import null_space_under_noise
+
+            raw = unembedding(job.handle, processed=False, n_vocab=self.unembed_.n_vocab)
+            self.noise_ = null_space_under_noise(raw.W_U, raw.norm if self.processed else None, self.k_,
+                                                 self.noise_draws, self.seed)  # fmt: skip
         self.log_p_freq_ = self.u_ = None
         if self.frequency != "none":
             from intraneuron.analyses.confidence.frequency import (
@@ -158,17 +175,25 @@ class ConfidenceAnalysis(Analysis):
         roles = self._select(table, layer)
         for neuron in self.known_neurons or []:  # the literature's entropy neurons get ablated too
             roles.setdefault(int(neuron), "known")
-        effects = self._effects(job, layer, roles)
+        effects, replicates = self._effects(job, layer, roles)
         table["role"] = table["neuron"].map(roles).fillna("")
         table["known"] = table["neuron"].isin(self.known_neurons or [])
         table = table.merge(effects, on="neuron", how="left")
         metrics = layer_metrics(table)
-        figures = layer_figures(table, self.S_, self.k_, layer, job.run.model.name)
+        if replicates:
+            metrics |= role_intervals(replicates, effects["neuron"].to_numpy(), table)
+        floor = None
+        if self.noise_ is not None:
+            metrics |= self.noise_.metrics
+            floor = self.noise_.metrics["unembedding_noise/noise_floor"]
+        figures = layer_figures(table, self.S_, self.k_, layer, job.run.model.name, floor)
         # how the weights were read (raw, or which TL processing steps), for the record
         steps = pd.DataFrame({"object": ["neuron weights"] * len(weights.steps) + ["unembedding"] * len(self.unembed_.steps),
                               "step": [*weights.steps, *self.unembed_.steps]})  # fmt: skip
-        return LayerResult(tables={"neurons": table, "weight_processing": steps}, metrics=metrics, figures=figures,
-                           reasons=layer_reasons(table, metrics))  # fmt: skip
+        tables = {"neurons": table, "weight_processing": steps}
+        if self.noise_ is not None:
+            tables["unembedding_noise"] = self.noise_.table
+        return LayerResult(tables=tables, metrics=metrics, figures=figures, reasons=layer_reasons(table, metrics))
 
     def _select(self, table: pd.DataFrame, layer: int) -> dict[int, str]:
         """neuron -> "candidate" (top by the selection rule) or "random" (the baseline)."""
@@ -183,7 +208,9 @@ class ConfidenceAnalysis(Analysis):
         randoms = sorted(rng.choice(rest, size=min(self.random_neurons, rest.size), replace=False).tolist())
         return {**{int(n): "candidate" for n in candidates}, **{int(n): "random" for n in randoms}}
 
-    def _effects(self, job: Job, layer: int, roles: dict[int, str]) -> pd.DataFrame:
+    def _effects(self, job: Job, layer: int, roles: dict[int, str]) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+        """One row per ablated neuron (sorted) with its effects and their intervals; the bootstrap
+        replicates, name -> [R, m] in the rows' order (empty with analysis.bootstrap=0)."""
         from intraneuron.analyses.confidence.effects import final_layer_effects, rerun_effects
         from intraneuron.analyses.confidence.forward import (
             clean_pass,
@@ -207,9 +234,18 @@ class ConfidenceAnalysis(Analysis):
         else:
             effects = rerun_effects(handle, ids, layer, neurons, means, mask=mask, clean=clean, **freq)
         out = effects.table().drop(columns=["layer"])
+        replicates = {}
+        if self.bootstrap:
+            from intraneuron.analyses.confidence.bootstrap import (
+                interval_columns,
+                window_replicates,
+            )
+
+            replicates = window_replicates(effects, self.bootstrap, seed=(self.seed, layer))
+            out = out.assign(**interval_columns(replicates))
         out["ablation_value"] = means.numpy()
         out["ablation_tokens"] = effects.n_tokens
-        return out
+        return out, replicates
 
 
 def layer_metrics(table: pd.DataFrame) -> dict[str, float]:
@@ -237,6 +273,20 @@ def layer_metrics(table: pd.DataFrame) -> dict[str, float]:
                 for stat, value in distribution(rows[column]).items():
                     metrics[f"{prefix}/{column}/{stat}"] = value
     return metrics
+
+
+def role_intervals(replicates: dict[str, np.ndarray], neurons: np.ndarray, table: pd.DataFrame) -> dict[str, float]:
+    """The bootstrap intervals of the per-role medians (candidates, random, known): metrics
+    <prefix>/<effect>/median_lo and _hi. neurons [m]: the replicates' columns."""
+    from intraneuron.analyses.confidence.bootstrap import median_intervals
+
+    rows = table.set_index("neuron")
+    out: dict[str, float] = {}
+    for role, prefix in (("candidate", "candidates"), ("random", "random"), ("known", "known")):
+        chosen = rows["known"] if role == "known" else rows["role"] == role
+        columns = np.flatnonzero(np.isin(neurons, chosen[chosen].index.to_numpy()))
+        out |= median_intervals(replicates, columns, prefix)
+    return out
 
 
 def layer_reasons(table: pd.DataFrame, metrics: dict[str, float]) -> dict[str, str]:

@@ -30,6 +30,9 @@ clean one) and, with u, dloss_freq, dentropy_freq, and, with log P_freq, dkl_te,
     ln_mediated   = 1 - mean|dloss_de| / mean|dloss_te|
     freq_mediated = 1 - mean|dloss_freq| / mean|dloss_te|
     argmax_change_rate.
+Per window (the windows bootstrap.py resamples): `window_sums` [m, W] of every summed quantity and
+`window_tokens` [W], the filtered tokens of each window, so any summary can be recomputed on a
+resample of windows without rerunning the model (`summarise`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from intraneuron.analyses.confidence.forward import (
 from intraneuron.models.weights import Unembedding
 
 __all__ = ["NeuronEffects", "final_layer_effects", "freeze_direction", "mean_activation",
-           "peak_bytes", "rerun_effects"]  # fmt: skip  (mean_activation lives with the passes)
+           "peak_bytes", "rerun_effects", "summarise"]  # fmt: skip  (mean_activation lives with the passes)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class NeuronEffects:
     n_tokens: int
     summary: dict[str, torch.Tensor]  # name -> [m]
     per_token: dict[str, torch.Tensor] | None  # name -> [m, N]; None unless asked for
+    window_sums: dict[str, torch.Tensor]  # summed quantity (dloss_te, abs_dloss_te, ...) -> [m, W] float64
+    window_tokens: torch.Tensor  # [W] filtered tokens per window (long)
 
     def table(self):
         """One row per neuron: `neuron` and every summary column (a pandas DataFrame)."""
@@ -105,7 +110,7 @@ def final_layer_effects(clean: CleanPass, w_out: torch.Tensor, unembed: Unembedd
     const = norm.bias @ W_U + unembed.b_U  # [V]
     w_c = _centre(w_out.float(), norm.kind)  # [m, d]
     u = None if freq_direction is None else _unit(freq_direction)
-    totals = _Totals(m, labels.numel(), per_token)
+    totals = _Totals(m, _mask(clean, mask), per_token)
     for t0 in range(0, labels.numel(), token_block):
         rows = slice(t0, t0 + token_block)
         r_c = _centre(r[rows], norm.kind)  # [n, d]
@@ -151,12 +156,13 @@ def rerun_effects(handle, ids: torch.Tensor, layer: int, neurons: Sequence[int] 
     if clean is None:
         clean = clean_pass(handle, ids, layer, neurons, batch_size=batch_size)
     m, B, T = neurons.numel(), *ids.shape
-    keep = _mask(clean, mask).reshape(-1)
+    keep_2d = _mask(clean, mask)  # [B, T-1]
+    keep = keep_2d.reshape(-1)
     labels = ids[:, 1:].reshape(-1)[keep]  # [N]
     z0 = clean.logits[:, :-1].reshape(B * (T - 1), -1)[keep]  # [N, V]
     before = _stats(z0[None], labels, log_p_freq)
     u = None if freq_direction is None else _unit(freq_direction)
-    totals, rows = _Totals(m, labels.numel(), per_token), slice(None)
+    totals, rows = _Totals(m, keep_2d, per_token), slice(None)
     for j in range(m):
         cols = slice(j, j + 1)
         value = float(mean_acts[j])
@@ -224,25 +230,26 @@ def _stats(z: torch.Tensor, labels: torch.Tensor, log_p_freq: torch.Tensor | Non
 
 
 class _Totals:
-    """Running per-neuron sums (and, optionally, per-token rows) of the effects."""
+    """Running per-neuron sums, per window and in all (and, optionally, per-token rows) of the effects."""
 
-    def __init__(self, m: int, n_tokens: int, per_token: bool):
-        self.m, self.n_tokens, self.keep = m, n_tokens, per_token
-        self.sums: dict[str, torch.Tensor] = {}
+    def __init__(self, m: int, counted: torch.Tensor, per_token: bool):
+        """counted [W, T-1]: the positions that count (`_mask`)."""
+        self.n_windows, positions = counted.shape
+        self.windows = torch.arange(self.n_windows).repeat_interleave(positions)[counted.reshape(-1)]  # [N]
+        self.m, self.n_tokens, self.keep = m, self.windows.numel(), per_token
+        self.sums: dict[str, torch.Tensor] = {}  # key -> [m, W]
         self.rows: dict[str, torch.Tensor] = {}
 
     def _put(self, key: str, cols: slice, rows: slice, value: torch.Tensor, signed: bool = True):
         value = value.double()  # [c, n]
-        if key not in self.sums:
-            self.sums[key] = torch.zeros(self.m, dtype=torch.float64)
-            if signed:
-                self.sums[f"abs_{key}"] = torch.zeros(self.m, dtype=torch.float64)
-            if self.keep:
-                self.rows[key] = torch.zeros(self.m, self.n_tokens)
-        self.sums[key][cols] += value.sum(-1)
-        if signed:
-            self.sums[f"abs_{key}"][cols] += value.abs().sum(-1)
+        window = self.windows[rows]  # [n]
+        for name, part in ((key, value), *([(f"abs_{key}", value.abs())] if signed else [])):
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(self.m, self.n_windows, dtype=torch.float64)
+            self.sums[name][cols].index_add_(1, window, part)
         if self.keep:
+            if key not in self.rows:
+                self.rows[key] = torch.zeros(self.m, self.n_tokens)
             self.rows[key][cols, rows] = value.float()
 
     def add(self, variant: str, cols: slice, rows: slice, after: dict, before: dict) -> None:
@@ -256,13 +263,22 @@ class _Totals:
         self._put("argmax_changed", cols, rows, changed, signed=False)
 
     def result(self, layer: int, neurons: torch.Tensor) -> NeuronEffects:
-        n = max(self.n_tokens, 1)
-        summary = {f"mean_{k}": (v / n).float() for k, v in self.sums.items()}
-        te = summary.get("mean_abs_dloss_te")
-        for name, key in (("ln_mediated", "de"), ("freq_mediated", "freq")):
-            if te is not None and f"mean_abs_dloss_{key}" in summary:
-                summary[name] = 1 - summary[f"mean_abs_dloss_{key}"] / te
-        if "mean_argmax_changed" in summary:
-            summary["argmax_change_rate"] = summary.pop("mean_argmax_changed")
+        totals = {k: v.sum(-1) for k, v in self.sums.items()}  # [m]
+        summary = {k: v.float() for k, v in summarise(totals, max(self.n_tokens, 1)).items()}
         per_token = self.rows if self.keep else None
-        return NeuronEffects(layer, neurons.clone(), self.n_tokens, summary, per_token)
+        tokens = torch.bincount(self.windows, minlength=self.n_windows)
+        return NeuronEffects(layer, neurons.clone(), self.n_tokens, summary, per_token, dict(self.sums), tokens)
+
+
+def summarise(sums: dict, n_tokens) -> dict:
+    """Summaries from sums over tokens: mean_<key> = sum / n_tokens, the mediated shares
+    1 - mean|dloss_de| / mean|dloss_te| (and _freq), argmax_change_rate. sums: key -> [..., m]
+    (torch or numpy), n_tokens a number or [..., 1], so resampled sums [R, m] work as one."""
+    summary = {f"mean_{k}": v / n_tokens for k, v in sums.items()}
+    te = summary.get("mean_abs_dloss_te")
+    for name, key in (("ln_mediated", "de"), ("freq_mediated", "freq")):
+        if te is not None and f"mean_abs_dloss_{key}" in summary:
+            summary[name] = 1 - summary[f"mean_abs_dloss_{key}"] / te
+    if "mean_argmax_changed" in summary:
+        summary["argmax_change_rate"] = summary.pop("mean_argmax_changed")
+    return summary

@@ -140,9 +140,10 @@ def entropy_table(
     return table
 
 
-def spectrum_figure(S: torch.Tensor, k: int, title: str):
+def spectrum_figure(S: torch.Tensor, k: int, title: str, noise_floor: float | None = None):
     """Singular values of W_U on a log axis, the last k (the null space rho measures) marked, so
-    the elbow the paper's k should sit on is visible."""
+    the elbow the paper's k should sit on is visible; with `noise_floor`, the size simulated
+    de-quantisation noise gives an exact null direction (quantisation.py)."""
     plt = _pyplot()
     s = np.asarray(S, dtype=np.float64)  # [d_model] descending
     d = s.size
@@ -154,10 +155,12 @@ def spectrum_figure(S: torch.Tensor, k: int, title: str):
     ax.semilogy(index[: d - k], shown[: d - k], ".", ms=3, color="tab:blue", label="singular values")
     ax.semilogy(index[d - k :], shown[d - k :], "o", ms=4, color="tab:red", label=f"last k = {k} (null space)")
     ax.axvline(d - k - 0.5, color="tab:red", ls="--", lw=1)
+    if noise_floor is not None:
+        ax.axhline(noise_floor, color="0.3", ls=":", lw=1, label=f"Q8_0 noise floor ({noise_floor:.3g})")
     ax.set(xlabel="index (descending order)", ylabel="singular value of W_U")
     ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.intraneuron_data = {"singular_values": s, "k": k}
+    fig.intraneuron_data = {"singular_values": s, "k": k, "noise_floor": noise_floor}
     plt.close(fig)
     return fig
 

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 
 
-def layer_figures(table: pd.DataFrame, S, k: int, layer: int, model: str) -> dict:
+def layer_figures(table: pd.DataFrame, S, k: int, layer: int, model: str, noise_floor: float | None = None) -> dict:
     from intraneuron.analyses.confidence.entropy_stats import (
         norm_vs_logitvar_figure,
         spectrum_figure,
     )
 
     figures = {
-        "unembedding_spectrum": spectrum_figure(S, k, f"{model}: singular values of W_U"),
+        "unembedding_spectrum": spectrum_figure(S, k, f"{model}: singular values of W_U", noise_floor),
         "norm_vs_logit_var": norm_vs_logitvar_figure(table, layer),
         "rho_distribution": rho_distribution(table, layer),
     }
@@ -55,12 +55,17 @@ def ablation_effects(table: pd.DataFrame, layer: int):
         mediated, entropy = rows["ln_mediated"].to_numpy(float), rows["mean_dentropy_te"].to_numpy(float)
         jitter = np.random.default_rng(i).uniform(-0.15, 0.15, len(rows))
         left.scatter(i + jitter, mediated, color=colour, s=14)
+        if "ln_mediated_lo" in rows:  # the bootstrap intervals over windows
+            lo, hi = rows["ln_mediated_lo"].to_numpy(float), rows["ln_mediated_hi"].to_numpy(float)
+            left.errorbar(i + jitter, mediated, yerr=[mediated - lo, hi - mediated], fmt="none", color=colour, lw=0.8)
+            data[f"{role}.ln_mediated_lo"], data[f"{role}.ln_mediated_hi"] = lo, hi
         right.scatter(rows["rho"], entropy, color=colour, s=14, label=f"{role} ({len(rows)})")
         data[f"{role}.neuron"], data[f"{role}.ln_mediated"] = rows["neuron"].to_numpy(), mediated
         data[f"{role}.mean_dentropy_te"] = entropy
     left.set_xticks(range(len(roles)), [{"candidate": "candidates"}.get(r, r) for r, _ in roles])
     left.axhline(0, color="k", lw=0.8)
-    left.set(ylabel="final-norm-mediated share 1 - |dL_DE| / |dL_TE|")
+    left.set(ylabel="final-norm-mediated share 1 - |dL_DE| / |dL_TE|"
+             + (" (95% CI over windows)" if "ln_mediated_lo" in table else ""))
     right.axhline(0, color="k", lw=0.8)
     right.set(xlabel="rho", ylabel="entropy change under mean ablation (nats)")
     right.legend(fontsize=8)

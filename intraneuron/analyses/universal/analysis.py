@@ -5,7 +5,10 @@ a random rotation of the other model's neurons gives, and how they differ from t
 One lockstep pass (per memory tile) streams the same windows through every model; per reference
 neuron and other model it keeps the best partners over all the other model's layers, and the same
 under the rotation baseline. Universal: mean over models of the max correlation minus the mean of
-the baseline's max (the excess correlation) above `threshold` (the paper's 0.5).
+the baseline's max (the excess correlation) above `threshold` (the paper's 0.5). Beside it the
+baseline-relative score, excess / (1 - mean baseline), above `relative_threshold`: the excess
+cannot exceed 1 - baseline, so with high baselines (small, briefly trained models) the paper's
+criterion cannot be met whatever the neurons do.
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ class UniversalAnalysis(Analysis):
         "universal_frac": "universal/frac",
         "universal_n": "universal/n",
         "excess_corr_median": "excess_corr/median",
+        "universal_relative_frac": "universal_relative/frac",
+        "relative_corr_median": "relative_corr/median",
         "mean_corr_median": "mean_corr/median",
         "baseline_corr_median": "mean_baseline/median",
         "universal_kurtosis_percentile_median": "universal_percentile/kurtosis/median",
         "universal_frac_positive_percentile_median": "universal_percentile/frac_positive/median",
         "dead_frac": "dead/frac",
     }
-    rank_by = ("excess_corr", "mean_corr", "min_corr", "kurtosis", "skew")
+    rank_by = ("excess_corr", "relative_corr", "mean_corr", "min_corr", "kurtosis", "skew")
     # per-neuron statistics compared between universal neurons and the rest (within-layer percentiles)
     COMPARED = ("frac_positive", "mean", "skew", "kurtosis", "input_bias", "in_out_sim", "l2_penalty", "vocab_kurt")
 
@@ -48,6 +53,7 @@ class UniversalAnalysis(Analysis):
         top_k: int = 5,
         baseline: str = "rotation",
         threshold: float = 0.5,
+        relative_threshold: float = 0.5,
         drop_tokens: list[str] | None = None,
         memory_gb: float = 2.0,
         seed: int = 0,
@@ -61,6 +67,7 @@ class UniversalAnalysis(Analysis):
         self.top_k = top_k
         self.baseline = baseline
         self.threshold = threshold
+        self.relative_threshold = relative_threshold
         self.drop_tokens = drop_tokens
         self.memory_gb = memory_gb
         self.seed = seed
@@ -73,6 +80,9 @@ class UniversalAnalysis(Analysis):
             raise ConfigError("analysis.baseline", baseline, BASELINES)
         if not -1.0 <= threshold <= 2.0:
             raise ConfigError("analysis.threshold", threshold, "an excess correlation in [-1, 2] (paper: 0.5)")
+        if not 0.0 <= relative_threshold < 1.0:
+            raise ConfigError("analysis.relative_threshold", relative_threshold,
+                              "a share of the room above the baseline in [0, 1) (default 0.5)")  # fmt: skip
         bad = [t for t in (drop_tokens or []) if t not in DROPPABLE]
         if bad:
             raise ConfigError("analysis.drop_tokens", drop_tokens, f"a list of {', '.join(DROPPABLE)}")
@@ -117,7 +127,8 @@ class UniversalAnalysis(Analysis):
 
         names = [m.name for m in job.run.models.others]
         neurons = np.arange(profile.d_mlp)
-        table = correlation_table(self.correlations_, layer, names, [h.d_mlp for h in job.others], self.threshold)
+        table = correlation_table(self.correlations_, layer, names, [h.d_mlp for h in job.others], self.threshold,
+                                  self.relative_threshold)  # fmt: skip
         stats = neuron_table(profile, neurons).drop(columns=["layer", "neuron"])
         table = pd.concat([table, stats], axis=1)
         if self.weights:
@@ -134,8 +145,9 @@ class UniversalAnalysis(Analysis):
             "partners": partners_table(self.correlations_, layer, names, [h.d_mlp for h in job.others]),
             "percentiles": ranks,
         }
-        return LayerResult(tables=tables, metrics=metrics, reasons=layer_reasons(table, metrics, self.threshold),
-                           figures=layer_figures(table, ranks, compared, layer, self.threshold))  # fmt: skip
+        reasons = layer_reasons(table, metrics, self.threshold, self.relative_threshold)
+        figures = layer_figures(table, ranks, compared, layer, self.threshold, self.relative_threshold)
+        return LayerResult(tables=tables, metrics=metrics, reasons=reasons, figures=figures)
 
     def run_figures(self, metrics: dict[int, dict[str, float]]) -> dict:
         from intraneuron.analyses.universal.figures import share_by_layer
@@ -144,31 +156,36 @@ class UniversalAnalysis(Analysis):
 
 
 def layer_metrics(table: pd.DataFrame, ranks: pd.DataFrame, compared: list[str]) -> dict[str, float]:
-    universal = table["universal"].to_numpy(bool)
     alive = table["mean_corr"].notna()
-    metrics = {
-        "universal/n": float(universal.sum()),
-        "universal/frac": float(universal.mean()) if len(table) else np.nan,
-        "dead/frac": float((~alive).mean()) if len(table) else np.nan,
-    }
-    for column in ("excess_corr", "mean_corr", "max_corr", "min_corr", "mean_baseline"):
+    metrics = {"dead/frac": float((~alive).mean()) if len(table) else np.nan}
+    for criterion in ("universal", "universal_relative"):
+        metrics[f"{criterion}/n"] = float(table[criterion].sum())
+        metrics[f"{criterion}/frac"] = float(table[criterion].mean()) if len(table) else np.nan
+    for column in ("excess_corr", "relative_corr", "mean_corr", "max_corr", "min_corr", "mean_baseline"):
         for stat, value in distribution(table[column]).items():
             metrics[f"{column}/{stat}"] = value
-    for column in compared:  # where universal neurons sit in the layer (50 = like everyone else)
-        for stat, value in distribution(ranks.loc[universal, column]).items():
-            metrics[f"universal_percentile/{column}/{stat}"] = value
+    for criterion in ("universal", "universal_relative"):
+        chosen = table[criterion].to_numpy(bool)
+        for column in compared:  # where universal neurons sit in the layer (50 = like everyone else)
+            for stat, value in distribution(ranks.loc[chosen, column]).items():
+                metrics[f"{criterion}_percentile/{column}/{stat}"] = value
     return metrics
 
 
-def layer_reasons(table: pd.DataFrame, metrics: dict[str, float], threshold: float) -> dict[str, str]:
+def layer_reasons(table: pd.DataFrame, metrics: dict[str, float], threshold: float,
+                  relative_threshold: float = 0.5) -> dict[str, str]:  # fmt: skip
     """Why a layer metric is NaN: no neuron has a partner correlation (all dead), or none is universal."""
     from intraneuron.analyses.reasons import counted, nan_reasons
 
     rules = []
     if not table["mean_corr"].notna().any():  # a neuron constant over the corpus correlates with nothing
         why = "no correlations: " + counted(["dead (constant over the corpus)"] * len(table), len(table))
-        rules += [(f"{column}/", why) for column in ("excess_corr", "mean_corr", "max_corr", "min_corr", "mean_baseline")]
+        rules += [(f"{column}/", why) for column in ("excess_corr", "relative_corr", "mean_corr", "max_corr", "min_corr",
+                                                     "mean_baseline")]  # fmt: skip
     if not table["universal"].any():
         rules.append(("universal_percentile/", f"no universal neuron: excess correlation above "
                       f"analysis.threshold={threshold:g} for 0 of {len(table)} neurons"))  # fmt: skip
+    if not table["universal_relative"].any():
+        rules.append(("universal_relative_percentile/", f"no universal neuron: relative correlation above "
+                      f"analysis.relative_threshold={relative_threshold:g} for 0 of {len(table)} neurons"))  # fmt: skip
     return nan_reasons(metrics, rules)

@@ -6,11 +6,14 @@ import numpy as np
 import pandas as pd
 
 
-def correlation_table(correlations, layer: int, names: list[str], d_mlps: list[int], threshold: float) -> pd.DataFrame:
+def correlation_table(correlations, layer: int, names: list[str], d_mlps: list[int], threshold: float,
+                      relative_threshold: float = 0.5) -> pd.DataFrame:  # fmt: skip
     """One row per reference neuron: per other model its max correlation, that partner (layer,
     neuron) and the baseline's max; over models the max, mean and min correlation, the mean
-    baseline, the excess correlation (mean_corr - mean_baseline) and `universal` (excess > threshold).
-    A dead neuron (no variance) has NaN correlations and is never universal."""
+    baseline, the excess correlation (mean_corr - mean_baseline) and `universal` (excess >
+    threshold); the baseline-relative score relative_corr = excess / (1 - mean_baseline), the share
+    of the room above the baseline that the correlation fills, and `universal_relative` (relative_corr
+    > relative_threshold). A dead neuron (no variance) has NaN correlations and is never universal."""
     columns: dict[str, np.ndarray] = {}
     corr, base = [], []
     for m, (name, d_mlp) in enumerate(zip(names, d_mlps, strict=True)):
@@ -35,6 +38,11 @@ def correlation_table(correlations, layer: int, names: list[str], d_mlps: list[i
         })  # fmt: skip
     table["excess_corr"] = table["mean_corr"] - table["mean_baseline"]
     table["universal"] = (table["excess_corr"] > threshold).fillna(False).astype(bool)
+    # excess <= 1 - baseline: with a baseline of 0.6 no neuron can pass excess > 0.5; the relative
+    # score asks the same question at every baseline (0 = no better than it, 1 = perfectly correlated)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["relative_corr"] = table["excess_corr"] / (1 - table["mean_baseline"])
+    table["universal_relative"] = (table["relative_corr"] > relative_threshold).fillna(False).astype(bool)
     return pd.concat([table, pd.DataFrame(columns)], axis=1)
 
 
@@ -61,7 +69,8 @@ def partners_table(correlations, layer: int, names: list[str], d_mlps: list[int]
 
 
 def percentiles(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Within-layer percentile (0-100] of each neuron on each statistic, with `neuron` and
-    `universal`: how universal neurons compare with all neurons of their layer."""
+    """Within-layer percentile (0-100] of each neuron on each statistic, with `neuron`, `universal`
+    and `universal_relative`: how universal neurons compare with all neurons of their layer."""
     ranks = {c: table[c].rank(pct=True) * 100 for c in columns}
-    return pd.DataFrame({"neuron": table["neuron"], "universal": table["universal"], **ranks})
+    return pd.DataFrame({"neuron": table["neuron"], "universal": table["universal"],
+                         "universal_relative": table["universal_relative"], **ranks})  # fmt: skip
