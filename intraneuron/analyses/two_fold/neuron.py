@@ -110,8 +110,8 @@ class TwoFoldNeuron(BaseEstimator):
     names the config key that sets each one, see `CONFIG_KEYS`); `analyse` is then called per neuron.
     make_clusterer: k -> estimator with fit_predict (default: Ward on L2-normalised vectors, K by
     the gap statistic over K in 1 + k_range with n_references reference datasets drawn as
-    `reference` says, or by the
-    silhouette when k_choice="silhouette"; our default, not the paper's). K = 1 (no categorical
+    `reference` says, or by the silhouette when k_choice="silhouette"; our default, not the
+    paper's). K = 1 (no categorical
     structure) skips the top-down analysis. Interleaving and range overlap get a permutation null
     (n_permutations shuffles of the activations over fixed categories); the Mantel test uses
     mantel_distance ("rank": |rank_i - rank_j|, "absolute": |a_i - a_j|). Segments: `scheme` with n_segments
