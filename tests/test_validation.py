@@ -170,6 +170,7 @@ CASES = [
     case("clustering-n-categories", "clustering.n_categories=1", key="clustering.n_categories"),
     case("clustering-k-choice", "clustering.k_choice=elbow", key="clustering.k_choice"),
     case("clustering-n-references", "clustering.n_references=0", key="clustering.n_references"),
+    case("clustering-reference", "clustering.reference=uniform", key="clustering.reference"),
     case("analysis-mantel-distance", "analysis.mantel_distance=euclidean", key="analysis.mantel_distance"),
     case("clustering-categories", "clustering.categories=lda", key="clustering.categories"),
     case("clustering-target-unknown", "clustering.estimator._target_=sklearn.cluster.Nope",

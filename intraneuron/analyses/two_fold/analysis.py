@@ -127,6 +127,7 @@ class TwoFoldAnalysis(Analysis):
             k_range=tuple(clustering.k_range),
             k_choice=clustering.k_choice,
             n_references=clustering.n_references,
+            reference=clustering.reference,
             mantel_distance=self.mantel_distance,
             scheme=segmentation.scheme,
             n_segments=segmentation.n_segments,

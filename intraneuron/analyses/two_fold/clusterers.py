@@ -24,6 +24,8 @@ ClustererFactory = Callable[[int], Any]
 _K_PARAMS = ("n_clusters", "n_components")
 CATEGORY_SOURCES = ("clusterer", "wordnet")
 K_CHOICES = ("gap", "silhouette")
+# How the gap statistic draws its reference datasets (`gap.gap_statistic`).
+REFERENCES = ("sd_box", "range_box", "gaussian")
 
 
 class CosineSpectralClustering(ClusterMixin, BaseEstimator):
@@ -124,9 +126,10 @@ def validate_k_choice(
     k_range: tuple[int, int],
     k_choice: str = "gap",
     n_references: int = 10,
+    reference: str = "sd_box",
 ) -> None:
     """Raise ConfigError for a fixed K below 2, a K range that is not 2 <= low <= high, an unknown
-    k_choice or a number of gap reference datasets below 1."""
+    k_choice, a number of gap reference datasets below 1 or an unknown reference."""
     if n_categories is not None and (
         not isinstance(n_categories, int | np.integer) or n_categories < 2
     ):
@@ -144,6 +147,8 @@ def validate_k_choice(
         or n_references < 1
     ):
         raise ConfigError("clustering.n_references", n_references, "an integer >= 1")
+    if reference not in REFERENCES:
+        raise ConfigError("clustering.reference", reference, REFERENCES)
 
 
 def _sets_own_k(estimator: Any) -> bool:
@@ -183,6 +188,7 @@ class ClusteringConfig:
     k_range: list[int] = field(default_factory=lambda: [2, 8])
     k_choice: str = "gap"  # gap: gap statistic over K in 1 + k_range (K = 1 possible) | silhouette
     n_references: int = 10  # gap statistic: reference datasets per neuron
+    reference: str = "sd_box"  # gap statistic: how the reference datasets are drawn (REFERENCES)
     stop_words: bool = True  # wordnet: function words and single characters get no supersense
 
     @classmethod
@@ -203,7 +209,9 @@ class ClusteringConfig:
             raise ConfigError("clustering.categories", self.categories, CATEGORY_SOURCES)
         if len(self.k_range) != 2:
             raise ConfigError("clustering.k_range", self.k_range, "[low, high]")
-        validate_k_choice(self.n_categories, tuple(self.k_range), self.k_choice, self.n_references)
+        validate_k_choice(
+            self.n_categories, tuple(self.k_range), self.k_choice, self.n_references, self.reference
+        )
         if not isinstance(self.stop_words, bool):
             raise ConfigError("clustering.stop_words", self.stop_words, "true or false")
         if self.categories == "clusterer":

@@ -23,6 +23,7 @@ from scipy.spatial.distance import pdist, squareform
 from intraneuron.analyses.two_fold.clusterers import (
     CATEGORY_SOURCES,
     K_CHOICES,
+    REFERENCES,
     ClustererFactory,
     ClusteringConfig,
     CosineSpectralClustering,
@@ -44,7 +45,7 @@ from intraneuron.stats.permutation import SeedLike
 
 # Public names, with those that live in `clusterers` and `gap` (and the gap helpers tests check).
 __all__ = [
-    "CATEGORY_SOURCES", "K_CHOICES", "NO_STRUCTURE", "CategoryFit", "ClustererFactory",
+    "CATEGORY_SOURCES", "K_CHOICES", "NO_STRUCTURE", "REFERENCES", "CategoryFit", "ClustererFactory",
     "ClusteringConfig", "CosineSpectralClustering", "_cut_by_merge_order", "_log_within_by_k",
     "categories_from_labels", "choose_gap_k", "clusterer_factory", "fit_categories",
     "gap_statistic", "preset_factory", "silhouette_precomputed", "validate_k_choice",
@@ -89,13 +90,14 @@ def fit_categories(
     k_choice: str = "gap",
     n_references: int = 10,
     seed: SeedLike = 0,
+    reference: str = "sd_box",
 ) -> CategoryFit:
     """Cluster core-token vectors X [n_tokens, d] into categories.
 
     n_categories None: fit every K in k_range (capped at n_tokens - 1), then
     - k_choice "gap": Tibshirani's gap statistic over K in {1} + k_range with n_references
-      reference datasets drawn uniformly in the box aligned with the principal components of the
-      vectors the clusterer sees (seeded by `seed`); the smallest K with
+      reference datasets drawn from the principal components of X as `reference` says, then
+      normalised like X (`gap`; seeded by `seed`); the smallest K with
       Gap(K) >= Gap(K') - s_K' (K' the next K) is chosen. K = 1 gives a skipped fit
       (`NO_STRUCTURE`) with all labels 0: no categorical structure.
     - k_choice "silhouette": the labels with the highest silhouette (ties: smaller K), K >= 2.
@@ -107,7 +109,7 @@ def fit_categories(
     dataset with scipy and cut it at every K: the same labels as refitting scikit-learn for each K,
     so the whole K-curve (references included) costs one fit per dataset.
     """
-    validate_k_choice(n_categories, k_range, k_choice, n_references)
+    validate_k_choice(n_categories, k_range, k_choice, n_references, reference)
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"X must be [n_tokens, d], got shape {X.shape}")
@@ -139,7 +141,7 @@ def fit_categories(
 
     if k_choice == "gap":
         gap, gap_sd = gap_statistic(
-            data, labels_by_k, make_clusterer, estimator, metric, n_references, seed
+            X, labels_by_k, make_clusterer, estimator, metric, n_references, seed, normalize, reference
         )
         chosen = choose_gap_k(gap, gap_sd)
         extra = {

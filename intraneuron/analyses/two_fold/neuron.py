@@ -70,6 +70,7 @@ CONFIG_KEYS: dict[str, str] = {
     "k_range": "clustering.k_range",
     "k_choice": "clustering.k_choice",
     "n_references": "clustering.n_references",
+    "reference": "clustering.reference",
     "mantel_distance": "analysis.mantel_distance",
     "scheme": "segmentation.scheme",
     "n_segments": "segmentation.n_segments",
@@ -108,8 +109,9 @@ class TwoFoldNeuron(BaseEstimator):
     scikit-learn style: the constructor stores the settings and checks them once (a ConfigError
     names the config key that sets each one, see `CONFIG_KEYS`); `analyse` is then called per neuron.
     make_clusterer: k -> estimator with fit_predict (default: Ward on L2-normalised vectors, K by
-    the gap statistic over K in 1 + k_range with n_references reference datasets, or by the
-    silhouette when k_choice="silhouette"; our default, not the paper's). K = 1 (no categorical
+    the gap statistic over K in 1 + k_range with n_references reference datasets drawn as
+    `reference` says, or by the silhouette when k_choice="silhouette"; our default, not the
+    paper's). K = 1 (no categorical
     structure) skips the top-down analysis. Interleaving and range overlap get a permutation null
     (n_permutations shuffles of the activations over fixed categories); the Mantel test uses
     mantel_distance ("rank": |rank_i - rank_j|, "absolute": |a_i - a_j|). Segments: `scheme` with n_segments
@@ -127,6 +129,7 @@ class TwoFoldNeuron(BaseEstimator):
         k_range: tuple[int, int] = (2, 8),
         k_choice: str = "gap",
         n_references: int = 10,
+        reference: str = "sd_box",
         mantel_distance: str = "rank",
         scheme: str = "equal_count",
         n_segments: int = 10,
@@ -144,6 +147,7 @@ class TwoFoldNeuron(BaseEstimator):
         self.k_range = k_range
         self.k_choice = k_choice
         self.n_references = n_references
+        self.reference = reference
         self.mantel_distance = mantel_distance
         self.scheme = scheme
         self.n_segments = n_segments
@@ -157,7 +161,9 @@ class TwoFoldNeuron(BaseEstimator):
         self._validate()
 
     def _validate(self) -> None:
-        validate_k_choice(self.n_categories, tuple(self.k_range), self.k_choice, self.n_references)
+        validate_k_choice(
+            self.n_categories, tuple(self.k_range), self.k_choice, self.n_references, self.reference
+        )
         validate_mantel_distance(self.mantel_distance)
         validate_segmentation(self.scheme, self.n_segments, self.top_fraction)
         validate_null(self.homogeneity, self.n_permutations)
@@ -214,6 +220,7 @@ class TwoFoldNeuron(BaseEstimator):
             fit = fit_categories(
                 X, make_clusterer, self.n_categories, tuple(self.k_range), normalize, cosine=C,
                 k_choice=self.k_choice, n_references=self.n_references, seed=gap_rng,
+                reference=self.reference,
             )  # fmt: skip
         row.update(
             n_categories=float(fit.k),
