@@ -85,7 +85,7 @@ def default_extraction(**change) -> ExtractionConfig:
 def test_default_extraction_never_counts_position_zero(tiny_gpt2, austen_text, tmp_path):
     settings = default_extraction()
     assert settings.skip_first_positions == 1 and settings.input_site == "hook_resid_mid"
-    assert settings.pseudo_neurons == 256 and settings.pseudo_seed == 0
+    assert settings.pseudo_neurons == 2048 and settings.pseudo_seed == 0
     settings.validate()
     windows = build(austen_text, tiny_gpt2.tokenizer, tmp_path, prepend_bos=True)
     spec = ("fold_token_types", "input_token_types", "moments", "token_types", "topk")

@@ -139,14 +139,27 @@ def test_deterministic_from_the_seed(handle, small_windows, profile):
     a, b = pseudo_read_in(handle, LAYER, N, 3), pseudo_read_in(handle, LAYER, N, 3)
     assert torch.equal(a.source_neurons, b.source_neurons) and torch.equal(a.weights, b.weights)
     c = pseudo_read_in(handle, LAYER, N, 4)
-    assert not torch.equal(a.rotation, c.rotation)
-    assert not torch.equal(a.rotation, pseudo_read_in(handle, 0, N, 3).rotation)  # per layer
-    assert torch.allclose(a.rotation @ a.rotation.T, torch.eye(handle.d_model), atol=1e-5)
+    (q,) = a.rotations  # n <= d_mlp: one rotation
+    assert not torch.equal(q, c.rotations[0])
+    assert not torch.equal(q, pseudo_read_in(handle, 0, N, 3).rotations[0])  # per layer
+    assert torch.allclose(q @ q.T, torch.eye(handle.d_model), atol=1e-5)
     again = extract_profiles(handle, small_windows, [LAYER], SETTINGS, cache=None, stats=SPEC)[LAYER]
     for key, value in profile.tensors.items():
         assert torch.equal(value, again[key]), key
-    many = pseudo_read_in(handle, LAYER, handle.d_mlp + 5, 0)  # more than d_mlp: with replacement
-    assert many.n == handle.d_mlp + 5
+
+
+def test_more_pseudo_neurons_than_neurons_are_all_distinct(handle):
+    """Beyond d_mlp a neuron is copied again under another rotation: no pseudo-neuron twice."""
+    d = handle.d_mlp
+    many = pseudo_read_in(handle, LAYER, 2 * d + 5, 0)
+    assert many.n == 2 * d + 5 and many.rotations.shape == (3, handle.d_model, handle.d_model)
+    for block in range(3):  # each block draws neurons without replacement
+        sources = many.source_neurons[block * d : (block + 1) * d]
+        assert sources.unique().numel() == sources.numel()
+    weights = many.weights.reshape(many.n, -1)
+    assert torch.unique(weights, dim=0).shape[0] == many.n  # no two alike
+    first = pseudo_read_in(handle, LAYER, d, 0)  # the first block is the pseudo-neurons of n = d_mlp
+    assert torch.equal(many.weights[:d], first.weights) and torch.equal(many.rotations[0], first.rotations[0])
 
 
 def test_read_in_directions_reproduce_the_pass(handle, small_windows):

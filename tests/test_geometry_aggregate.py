@@ -13,7 +13,9 @@ from scipy import stats
 
 from intraneuron.analyses.two_fold.aggregate import (
     GEOMETRY_COLUMNS,
+    NULL_COMPARED,
     aggregate_layer,
+    compared_keys,
     geometry_excess,
 )
 from intraneuron.analyses.two_fold.neuron import ROW_KEYS
@@ -55,8 +57,7 @@ def test_real_and_pseudo_rows_from_one_distribution_give_uniform_p_and_no_discov
     for c in GEOMETRY_COLUMNS:
         p = out[f"{c}_p_geometry"].to_numpy()
         assert stats.kstest(p, "uniform").pvalue > 0.01, c
-        empirical = out[f"{c}_p_geometry_empirical"].to_numpy()
-        assert empirical.min() >= 1 / 2001 and stats.kstest(empirical, "uniform").pvalue > 0.01, c
+        assert (out[f"{c}_n_null"] == 2000).all(), c  # no selectivity column: every pseudo-neuron
     metrics = aggregate_layer(real, 0.05, pseudo)
     assert metrics["geometry/n_pseudo"] == 2000.0
     for c in GEOMETRY_COLUMNS:
@@ -74,8 +75,7 @@ def test_an_upward_shift_of_the_real_rows_is_found():
     real.loc[:199, "p_top"] = 1e-4
     out = geometry_excess(real, pseudo)
     assert out.loc[:199, "z_top_excess"].median() == pytest.approx(5.0, abs=0.3)
-    assert out.loc[:199, "z_top_z_geometry"].min() > 2.0
-    assert out.loc[:199, "z_top_p_geometry_empirical"].max() <= 5 / 257
+    assert out.loc[:199, "z_top_p_geometry"].max() <= 5 / 257  # 256 draws: no tail fit, p >= 1 / 257
     metrics = aggregate_layer(real, 0.05, pseudo)
     for c in GEOMETRY_COLUMNS:
         assert 0.17 <= metrics[f"geometry/{c}_sig_frac_bh"] <= 0.25, c  # 0.2 planted, FDR 5%
@@ -91,17 +91,14 @@ def test_skipped_rows_are_ignored_on_both_sides():
     pseudo.loc[:49, list(GEOMETRY_COLUMNS)] = 1e6  # would dominate mean and sd if counted
     pseudo.loc[:49, "p_top"] = 0.0
     out = geometry_excess(real, pseudo)
-    assert out.loc[:19, [f"{c}_{s}" for c in GEOMETRY_COLUMNS for s in ("excess", "z_geometry", "p_geometry",
-                         "p_geometry_empirical")]].isna().all().all()  # fmt: skip
+    assert out.loc[:19, [f"{c}_{s}" for c in GEOMETRY_COLUMNS for s in ("excess", "p_geometry")]].isna().all().all()
     kept = pseudo.loc[50:, "z_top"]
     assert out.loc[20:, "z_top_excess"].to_numpy() == pytest.approx(
         real.loc[20:, "z_top"].to_numpy() - kept.median()
     )
-    assert out.loc[20:, "z_top_z_geometry"].to_numpy() == pytest.approx(
-        (real.loc[20:, "z_top"].to_numpy() - kept.mean()) / kept.std(ddof=1)
-    )
     value = real.loc[25, "z_top"]
-    assert out.loc[25, "z_top_p_geometry_empirical"] == (1 + np.sum(kept >= value)) / 251
+    assert out.loc[25, "z_top_p_geometry"] == (1 + np.sum(kept >= value)) / 251
+    assert (out["z_top_n_null"] == 250).all()
     metrics = aggregate_layer(real, 0.05, pseudo)
     assert metrics["geometry/n_pseudo"] == 250.0
     assert metrics["bottomup/top_sig_frac_pseudo"] == np.mean(pseudo.loc[50:, "p_top"] < 0.05)
@@ -117,10 +114,12 @@ def test_absent_columns_are_skipped_and_aggregate_keys_are_stable_and_nan_safe()
     empty = aggregate_layer(real.iloc[:0], 0.05, pseudo.iloc[:0])
     assert sorted(with_pseudo) == sorted(without) == sorted(empty)
     geometry = [k for k in without if k.startswith("geometry/") and k != "geometry/n_pseudo"]
-    assert len(geometry) == 3 * len(GEOMETRY_COLUMNS)
-    for key in [*geometry, "bottomup/top_sig_frac_pseudo", "bottomup/top_sig_vs_pseudo_p",
+    assert len(geometry) == 7 * len(GEOMETRY_COLUMNS)
+    against_pseudo = compared_keys()
+    assert len(against_pseudo) == 2 * len(NULL_COMPARED) and set(against_pseudo) <= set(without)
+    for key in [*geometry, *against_pseudo, "bottomup/top_sig_frac_pseudo", "bottomup/top_sig_vs_pseudo_p",
                 "bottomup/top_pi0_geometry"]:  # fmt: skip
-        assert math.isnan(without[key]), key
+        assert math.isnan(without[key]) or key.endswith("_n_null"), key
     assert without["geometry/n_pseudo"] == 0.0 and empty["geometry/n_pseudo"] == 0.0
     assert math.isnan(with_pseudo["geometry/ari_excess_median"])
     for key in ("bottomup/top_pi0", "topdown/kruskal_pi0", "homomorphism/mantel_pi0",

@@ -40,7 +40,8 @@ from intraneuron.saving import save_errors_as_oserror
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 3  # bump when a change to the engine changes the numbers it writes or the key
+ENGINE_VERSION = 4  # bump when a change to the engine changes the numbers it writes or the key
+# (4: more pseudo-neurons than d_mlp get one rotation per block of d_mlp, not duplicates under one)
 
 
 # what `save` writes besides the metadata (under TensorCache.metadata_key); `load` requires them all

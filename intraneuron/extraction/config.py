@@ -35,7 +35,7 @@ class ExtractionConfig:
     hist_bins: int = 200
     skip_first_positions: int = 0  # window positions excluded from all statistics (yaml default 1:
     # position 0 is BOS, the attention sink, whose activations say nothing about the token)
-    pseudo_neurons: int = 256  # random read-in directions per layer (stat "pseudo_neurons"; 0 = none)
+    pseudo_neurons: int = 2048  # random read-in directions per layer (stat "pseudo_neurons"; 0 = none)
     pseudo_seed: int = 0
     # windows, evenly strided across the corpus, whose tokens fix the pseudo-neurons' calibration
     pseudo_calibration_windows: int = 64

@@ -19,8 +19,10 @@ evenly strided across the whole corpus (not its first batch, which is one book's
 for every corpus shard and every pass. A random direction can hit the residual stream's outlier
 dimensions, and calibration keeps each pseudo-neuron in its source neuron's operating range. The
 source neurons' real pre-activations are computed on the sample only, never during the pass.
-Neurons are drawn without replacement when n <= d_mlp, and Q (Haar, by QR of a Gaussian) from
-numpy's generator seeded with (pseudo_seed, layer).
+Neurons are drawn without replacement, d_mlp at a time, each block of d_mlp pseudo-neurons with its
+own Q (Haar, by QR of a Gaussian), from numpy's generator seeded with (pseudo_seed, layer): more
+pseudo-neurons than neurons (2,048 against SmolLM2's 1,536) copy a neuron twice under two
+rotations, never twice under one (that would be one pseudo-neuron counted twice).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class PseudoReadIn:
     layer: int
     seed: int
     source_neurons: torch.Tensor  # [n] long: the real neuron each pseudo-neuron copies
-    rotation: torch.Tensor  # [M, M] Q
+    rotations: torch.Tensor  # [B, M, M] Q of each block of d_mlp pseudo-neurons (B = ceil(n / d_mlp))
     source_weights: torch.Tensor  # [n, r, M] raw w of the source neurons (norm-output space)
     weights: torch.Tensor  # [n, r, M] Q w: what the pass multiplies the MLP input by
     bias: torch.Tensor  # [n, r] the source neurons' biases
@@ -80,8 +82,13 @@ def pseudo_read_in(handle, layer: int, n: int, seed: int) -> PseudoReadIn:
     raw = neuron_weights(handle, layer, processed=False)
     d_mlp, d_model = raw.w_in.shape
     rng = np.random.default_rng([seed, layer])
-    source = torch.from_numpy(rng.choice(d_mlp, size=n, replace=n > d_mlp)).long()  # [n]
-    rotation = random_rotation(d_model, rng)  # [M, M]
+    sources, rotations = [], []
+    for start in range(0, n, d_mlp):  # n <= d_mlp: one block, the draws of a single rotation
+        sources.append(rng.choice(d_mlp, size=min(d_mlp, n - start), replace=False))
+        rotations.append(random_rotation(d_model, rng))  # [M, M]
+    source = torch.from_numpy(np.concatenate(sources)).long()  # [n]
+    block_of = torch.arange(n) // d_mlp  # [n]
+    rotation = torch.stack(rotations)  # [B, M, M]
     block = handle.adapter.layer_path(layer)
     if raw.gated:
         b_up = bias_of(handle.module(f"{block}.{layout.w_in}"), d_mlp)
@@ -89,7 +96,7 @@ def pseudo_read_in(handle, layer: int, n: int, seed: int) -> PseudoReadIn:
         b = torch.stack([raw.b_in[source], b_up[source]], 1)  # [n, 2]
     else:
         w, b = raw.w_in[source][:, None], raw.b_in[source][:, None]  # [n, 1, M], [n, 1]
-    rotated = w @ rotation.T  # row w -> Q w
+    rotated = torch.cat([w[block_of == i] @ q.T for i, q in enumerate(rotation)])  # row w -> Q_b w
     directions = rotated
     if layout.mlp_norm is not None:
         norm = read_norm(handle.module(f"{block}.{layout.mlp_norm}"), layout.norm_kind, layout.gain_offset)

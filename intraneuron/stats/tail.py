@@ -28,7 +28,8 @@ GOF_LEVEL = 0.05  # Cramer-von Mises goodness-of-fit p below which a fit is refu
 @dataclass(frozen=True)
 class TailFit:
     """p: the tail p value (NaN when no acceptable fit); shape, scale: the GPD's (scipy's c is the
-    shape); threshold: where the tail starts; n_exceed: null values fitted; gof_p: Cramer-von Mises p."""
+    shape); threshold: where the tail starts; n_exceed: null values fitted; gof_p: Cramer-von Mises p;
+    n_null: the finite null values the fit was drawn from (0 when unknown)."""
 
     p: float
     shape: float
@@ -36,42 +37,64 @@ class TailFit:
     threshold: float
     n_exceed: int
     gof_p: float
+    n_null: int = 0
 
     @property
     def ok(self) -> bool:
         return bool(np.isfinite(self.p) and self.p > 0)
 
+    def tail_p(self, observed: np.ndarray | float) -> np.ndarray:
+        """P(null >= observed) = (n_exceed / n_null) * (1 - F(observed - threshold)) for each
+        observed value beyond the threshold; NaN elsewhere, without a fit, or where the GPD puts
+        observed beyond its upper end point (p = 0 would claim more than the data show)."""
+        observed = np.asarray(observed, dtype=np.float64)
+        if not (np.isfinite(self.scale) and self.n_null > 0):
+            return np.full(observed.shape, np.nan)
+        tail = stats.genpareto.sf(observed - self.threshold, self.shape, 0.0, self.scale)
+        p = self.n_exceed / self.n_null * tail
+        return np.where((observed > self.threshold) & (p > 0), p, np.nan)
+
+
+_FAILED = TailFit(np.nan, np.nan, np.nan, np.nan, 0, np.nan)
+
 
 def gpd_tail_p(null: np.ndarray, observed: float) -> TailFit:
-    """P(null >= observed) from a GPD fitted to the top min(250, 10% of P) null values, with the
-    location fixed at the threshold halfway between the last fitted value and the next one.
+    """P(null >= observed) from the GPD of `gpd_tail_fit(null)`: p = (N_exc / P) *
+    (1 - F(observed - threshold)); NaN when no fit is accepted, the optimiser fails, or observed
+    lies at or below the threshold or beyond the fitted upper end point."""
+    if not np.isfinite(observed):
+        return _FAILED
+    fit = gpd_tail_fit(null)
+    p = float(fit.tail_p(observed))
+    return TailFit(p, fit.shape, fit.scale, fit.threshold, fit.n_exceed, fit.gof_p, fit.n_null) if np.isfinite(p) else _FAILED
+
+
+def gpd_tail_fit(null: np.ndarray) -> TailFit:
+    """A GPD fitted to the top min(250, 10% of P) null values, with the location fixed at the
+    threshold halfway between the last fitted value and the next one (p NaN: `tail_p` evaluates
+    it, for many observed values at once).
 
     When the Cramer-von Mises test refuses the fit (p < 0.05), 10 fewer exceedances are fitted, down
     to 50 (Knijnenburg et al. use Anderson-Darling; scipy has no such test for a fitted GPD). The
-    fitted parameters make the test lenient, so it only catches gross misfits. p = (N_exc / P) *
-    (1 - F(observed - threshold)); NaN when no fit is accepted, the optimiser fails, or observed lies
-    beyond the fitted upper end point (p = 0 would claim more than the data show).
+    fitted parameters make the test lenient, so it only catches gross misfits. No fit (all NaN):
+    fewer than 50 exceedances, no accepted fit, or a failed optimiser.
     """
     null = np.asarray(null, dtype=np.float64)
     null = null[np.isfinite(null)]
     n_exceed = int(min(TAIL_MAX, np.floor(TAIL_FRACTION * null.size)))
-    failed = TailFit(np.nan, np.nan, np.nan, np.nan, 0, np.nan)
-    if n_exceed < TAIL_MIN or not np.isfinite(observed):
-        return failed
+    if n_exceed < TAIL_MIN:
+        return _FAILED
     top = -np.sort(-null)[: n_exceed + 1]  # [n_exceed + 1] largest first
     while n_exceed >= TAIL_MIN:
         threshold = 0.5 * (top[n_exceed - 1] + top[n_exceed])
         excess = top[:n_exceed] - threshold  # all > 0 unless tied with the next value
-        if np.ptp(excess) > 0 and observed > threshold:
+        if np.ptp(excess) > 0:
             fit = _fit(excess)
-            if fit is not None:
+            if fit is not None and fit[2] >= GOF_LEVEL:
                 shape, scale, gof = fit
-                if gof >= GOF_LEVEL:
-                    tail = stats.genpareto.sf(observed - threshold, shape, 0.0, scale)
-                    p = float(n_exceed / null.size * tail)
-                    return TailFit(p if p > 0 else np.nan, shape, scale, threshold, n_exceed, gof)
+                return TailFit(np.nan, shape, scale, float(threshold), n_exceed, gof, int(null.size))
         n_exceed -= TAIL_STEP
-    return failed
+    return _FAILED
 
 
 def _fit(excess: np.ndarray) -> tuple[float, float, float] | None:

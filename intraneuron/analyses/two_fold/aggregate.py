@@ -12,8 +12,13 @@ neurons: p ~ 1e-17); with "pairwise" its null is skewed, not symmetric. Read it 
 
 Every BH fraction has Storey's pi0 beside it ("<...>_pi0"): BH at a layer's size can reject few
 neurons while many p values are small, and pi0 < 1 says so. With pseudo-neurons (random read-in
-directions through the same pipeline; `geometry_excess`) the "geometry/..." metrics give each
-statistic's excess over what the read-in geometry alone produces; without them they are NaN.
+directions through the same pipeline; `geometry_null`) the "geometry/..." metrics give each
+statistic's excess over what the read-in geometry alone produces, and each metric of
+NULL_COMPARED (the headline summaries) has the pseudo-neurons' value of it beside it
+("<metric>_pseudo") and the excess ("<metric>_excess" = value - pseudo value); without
+pseudo-neurons, or fewer than the minimum analysed, they are NaN. ARI and AMI are summarised
+among neurons with categories (K >= 2): K = 1 imputes 0, and the K = 1 share is
+neurons/topdown_skipped_frac.
 """
 
 from __future__ import annotations
@@ -22,9 +27,21 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from intraneuron.analyses.two_fold.geometry_null import (
+    GEOMETRY_COLUMNS,
+    MIN_NULL,
+    SELECTIVITY_MATCH,
+    geometry_excess,
+    geometry_metrics,
+)
+from intraneuron.analyses.two_fold.rows import blank as _blank
+from intraneuron.analyses.two_fold.rows import column as _column
+from intraneuron.analyses.two_fold.rows import finite as _finite
 from intraneuron.stats.multiple import storey_pi0
-from intraneuron.stats.permutation import TIE_TOLERANCE
 from intraneuron.stats.summary import distribution, significant_fraction
+
+__all__ = ["DISTRIBUTIONS", "GEOMETRY_COLUMNS", "NULL_COMPARED", "aggregate_layer", "compare_layers",
+           "compared_keys", "geometry_excess"]  # fmt: skip
 
 # metric name -> row column; each gets mean, median, quantiles and the count of finite values.
 DISTRIBUTIONS: dict[str, str] = {
@@ -47,67 +64,30 @@ DISTRIBUTIONS: dict[str, str] = {
     "homomorphism/mantel_rho": "mantel_rho",
 }
 
-# Statistics a neuron's read-in geometry alone can raise, calibrated against pseudo-neurons.
-GEOMETRY_COLUMNS: tuple[str, ...] = (
-    "z_top", "h_top_minus_rest", "trend_rho", "epsilon2", "ari", "mantel_rho", "silhouette", "successive_z",
+# summarised over the neurons with categories (K >= 2) only
+WITH_CATEGORIES = ("homomorphism/ari", "homomorphism/ami")
+
+# The headline summaries, each reported beside the pseudo-neurons' value of it and the excess.
+NULL_COMPARED: tuple[str, ...] = (
+    "topdown/kruskal_sig_frac_bh", "topdown/epsilon2/median", "topdown/interleaving_mean/median",
+    "bottomup/top_sig_frac_bh", "bottomup/h_top_minus_rest/median", "homomorphism/ari/median",
+    "homomorphism/mantel_sig_frac_bh", "neurons/topdown_skipped_frac",
 )  # fmt: skip
 
 
-def geometry_excess(
-    rows: pd.DataFrame, pseudo_rows: pd.DataFrame, columns: tuple[str, ...] = GEOMETRY_COLUMNS
-) -> pd.DataFrame:
-    """rows with, per column c present in both tables, c_excess (value - pseudo median),
-    c_z_geometry, c_p_geometry and c_p_geometry_empirical, against the pseudo-neurons' values.
-
-    c_p_geometry is one-sided (value above the pseudo-neurons) from a normal fitted to the pseudo
-    values: the empirical (1 + #{pseudo >= value}) / (1 + R), also given, floors at 1/257 with 256
-    pseudo-neurons, which BH over a layer of 1,536 neurons cannot reject. The normal is a model:
-    trust c_p_geometry where the pseudo values look normal, compare with the empirical p.
-    Skipped rows (row["skipped"] != "") get NaN and pseudo rows that were skipped are left out;
-    NaN pseudo values are dropped per column.
-    Idempotent: columns it added before (rows read back from a run, e.g. to merge the shards of a
-    layer) are dropped first and recomputed, so they come out the same and in the same order.
-    """
-    rows = rows.drop(columns=geometry_columns_added(columns), errors="ignore")
-    out = rows.copy()
-    analysed = _blank(rows, "skipped")
-    pseudo = pseudo_rows[_blank(pseudo_rows, "skipped")]
-    for c in columns:
-        if c not in rows or c not in pseudo_rows:
-            continue
-        null = np.sort(_finite(_column(pseudo, c)))  # [R]
-        value = _column(rows, c).where(analysed).to_numpy(dtype=np.float64)  # [n]
-        n_null = null.size
-        median = np.median(null) if n_null else np.nan
-        mean = null.mean() if n_null else np.nan
-        sd = null.std(ddof=1) if n_null > 1 else np.nan
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = (value - mean) / sd if sd > 0 else np.full_like(value, np.nan)
-        # pseudo values at or above the value, ties counted as in the permutation tests
-        tol = TIE_TOLERANCE * np.maximum(1.0, np.abs(np.nan_to_num(value)))
-        at_or_above = n_null - np.searchsorted(null, value - tol, side="left")
-        empirical = (1.0 + at_or_above) / (1.0 + n_null) if n_null else np.full_like(value, np.nan)
-        out[f"{c}_excess"] = value - median
-        out[f"{c}_z_geometry"] = z
-        # a degenerate null (every pseudo-neuron at one value, e.g. ARI 0 where none has categories)
-        # has no normal fit: the empirical p is the answer there
-        empirical = np.where(np.isnan(value), np.nan, empirical)
-        out[f"{c}_p_geometry"] = np.where(np.isfinite(z), stats.norm.sf(z), empirical)
-        out[f"{c}_p_geometry_empirical"] = empirical
-    return out
-
-
-def geometry_columns_added(columns: tuple[str, ...] = GEOMETRY_COLUMNS) -> list[str]:
-    """The columns `geometry_excess` adds to the rows, in the order it adds them."""
-    suffixes = ("_excess", "_z_geometry", "_p_geometry", "_p_geometry_empirical")
-    return [f"{c}{suffix}" for c in columns for suffix in suffixes]
+def compared_keys() -> list[str]:
+    """The metrics `aggregate_layer` adds for NULL_COMPARED: "<metric>_pseudo", "<metric>_excess"."""
+    return [f"{key}{suffix}" for key in NULL_COMPARED for suffix in ("_pseudo", "_excess")]
 
 
 def aggregate_layer(
-    rows: pd.DataFrame, alpha: float = 0.05, pseudo_rows: pd.DataFrame | None = None
-) -> dict[str, float]:
+    rows: pd.DataFrame, alpha: float = 0.05, pseudo_rows: pd.DataFrame | None = None, *,
+    min_null: int = MIN_NULL, match: int = SELECTIVITY_MATCH, judged: bool = False,
+) -> dict[str, float]:  # fmt: skip
     """Layer metrics from the per-neuron rows (columns of `neuron.ROW_KEYS`) of one layer;
-    pseudo_rows: the same analysis of the layer's pseudo-neurons (None: geometry metrics NaN)."""
+    pseudo_rows: the same analysis of the layer's pseudo-neurons (None: geometry metrics NaN);
+    min_null, match: the geometry null's minimum size and selectivity matching (`geometry_null`);
+    judged: rows already have `geometry_excess`'s columns, computed with these settings."""
     n = len(rows)
     analysed = rows[_blank(rows, "skipped")]
     with_topdown = analysed[_blank(analysed, "topdown_skipped")]
@@ -120,7 +100,8 @@ def aggregate_layer(
         ),
     }
     for name, column in DISTRIBUTIONS.items():
-        for stat, value in distribution(_column(analysed, column)).items():
+        population = with_topdown if name in WITH_CATEGORIES else analysed
+        for stat, value in distribution(_column(population, column)).items():
             metrics[f"{name}/{stat}"] = value
 
     metrics["topdown/kruskal_sig_frac"] = significant_fraction(
@@ -150,34 +131,23 @@ def aggregate_layer(
         _column(analysed, "mantel_p"), alpha, bh=True
     )
     metrics["homomorphism/mantel_pi0"] = storey_pi0(_column(analysed, "mantel_p"))
-    metrics.update(_geometry(analysed, pseudo_rows, alpha))
+    metrics.update(geometry_metrics(analysed, pseudo_rows, alpha, min_null=min_null, match=match, judged=judged))
+    metrics.update(_against_pseudo(metrics, pseudo_rows, alpha, min_null))
     return metrics
 
 
-def _geometry(analysed: pd.DataFrame, pseudo_rows: pd.DataFrame | None, alpha: float) -> dict[str, float]:
-    """Excess over the pseudo-neurons per GEOMETRY_COLUMNS, and the top segment's layer test
-    calibrated by them: real neurons with p_top < alpha against pseudo-neurons with p_top < alpha
-    (one-sided Fisher exact test: more among the real ones)."""
+def _against_pseudo(
+    metrics: dict[str, float], pseudo_rows: pd.DataFrame | None, alpha: float, min_null: int
+) -> dict[str, float]:
+    """"<metric>_pseudo" (the same summary over the analysed pseudo-neurons) and "<metric>_excess"
+    for each metric of NULL_COMPARED; NaN without min_null analysed pseudo-neurons."""
     pseudo = pseudo_rows[_blank(pseudo_rows, "skipped")] if pseudo_rows is not None else None
-    excess = geometry_excess(analysed, pseudo) if pseudo is not None else analysed
-    metrics = {"geometry/n_pseudo": float(len(pseudo)) if pseudo is not None else 0.0}
-    for c in GEOMETRY_COLUMNS:
-        diff = _finite(_column(excess, f"{c}_excess"))
-        p = _column(excess, f"{c}_p_geometry")
-        metrics[f"geometry/{c}_excess_median"] = float(np.median(diff)) if diff.size else np.nan
-        metrics[f"geometry/{c}_sig_frac_bh"] = significant_fraction(p, alpha, bh=True)
-        metrics[f"geometry/{c}_pi0"] = storey_pi0(p)
-    metrics["bottomup/top_pi0_geometry"] = storey_pi0(_column(excess, "z_top_p_geometry"))
-
-    real = _finite(_column(analysed, "p_top"))
-    fake = _finite(_column(pseudo, "p_top")) if pseudo is not None else np.empty(0)
-    metrics["bottomup/top_sig_frac_pseudo"] = float(np.mean(fake < alpha)) if fake.size else np.nan
-    metrics["bottomup/top_sig_vs_pseudo_p"] = np.nan
-    if real.size and fake.size:
-        hits_real, hits_fake = int(np.sum(real < alpha)), int(np.sum(fake < alpha))
-        table = [[hits_real, real.size - hits_real], [hits_fake, fake.size - hits_fake]]
-        metrics["bottomup/top_sig_vs_pseudo_p"] = float(stats.fisher_exact(table, alternative="greater").pvalue)
-    return metrics
+    null = aggregate_layer(pseudo, alpha) if pseudo is not None and len(pseudo) >= min_null else {}
+    out = {}
+    for key in NULL_COMPARED:
+        out[f"{key}_pseudo"] = null.get(key, np.nan)
+        out[f"{key}_excess"] = metrics[key] - out[f"{key}_pseudo"]
+    return out
 
 
 def compare_layers(rows_a: pd.DataFrame, rows_b: pd.DataFrame) -> dict[str, float]:
@@ -230,21 +200,3 @@ def _sign_test(p_top: pd.Series, z_top: pd.Series) -> dict[str, float]:
         "bottomup/sign_test_pos_frac": float(positive / p.size) if p.size else np.nan,
         "bottomup/sign_test_p": float(stats.binomtest(positive, p.size).pvalue) if p.size else np.nan,
     }
-
-
-def _column(rows: pd.DataFrame, column: str) -> pd.Series:
-    if column in rows:
-        return pd.to_numeric(rows[column], errors="coerce")
-    return pd.Series(np.nan, index=rows.index, dtype=np.float64)
-
-
-def _blank(rows: pd.DataFrame, column: str) -> pd.Series:
-    """True where the reason column is empty or missing (the neuron was not skipped)."""
-    if column not in rows:
-        return pd.Series(True, index=rows.index)
-    return rows[column].fillna("").astype(str) == ""
-
-
-def _finite(values: pd.Series | np.ndarray) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
-    return values[np.isfinite(values)]

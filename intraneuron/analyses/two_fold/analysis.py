@@ -19,6 +19,7 @@ from intraneuron.analyses.merge import check_disjoint, concat_by_neuron, same_ta
 from intraneuron.analyses.neurons import NeuronsConfig
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
+from intraneuron.analyses.two_fold.geometry_null import MIN_NULL, SELECTIVITY_MATCH
 from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
 from intraneuron.analyses.two_fold.variants import VariantUnits, variant_keys, word_pool
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 class TwoFoldAnalysis(Analysis):
     """Top-down categories and bottom-up activation segments of each neuron's core tokens (Pichat et al. 2025).
 
-    `analysis=two_fold`: homogeneity null, permutations, alpha, seed and workers.
+    `analysis=two_fold`: homogeneity null, permutations, alpha, seed, workers and the geometry
+    null's minimum size and selectivity matching.
     """
 
     name = "two_fold"
@@ -79,6 +81,8 @@ class TwoFoldAnalysis(Analysis):
         alpha: float = 0.05,
         seed: int = 0,
         n_jobs: int = -1,
+        min_pseudo_neurons: int = MIN_NULL,
+        selectivity_match: int = SELECTIVITY_MATCH,
     ):
         self.homogeneity = homogeneity
         self.n_permutations = n_permutations
@@ -88,6 +92,8 @@ class TwoFoldAnalysis(Analysis):
         self.alpha = alpha
         self.seed = seed
         self.n_jobs = n_jobs
+        self.min_pseudo_neurons = min_pseudo_neurons
+        self.selectivity_match = selectivity_match
         # the per-neuron settings are checked where they are used, once, with their config keys
         TwoFoldNeuron(homogeneity=homogeneity, n_permutations=n_permutations,
                       max_permutations=max_permutations,
@@ -95,6 +101,12 @@ class TwoFoldAnalysis(Analysis):
                       alpha=alpha)  # fmt: skip
         if n_jobs == 0 or n_jobs < -1:
             raise ConfigError("analysis.n_jobs", n_jobs, "an integer >= 1, or -1 for all cores")
+        if not _integer(min_pseudo_neurons) or min_pseudo_neurons < 20:
+            # below 19 draws no empirical p reaches 0.05
+            raise ConfigError("analysis.min_pseudo_neurons", min_pseudo_neurons, "an integer >= 20")
+        if not _integer(selectivity_match) or 0 < selectivity_match < min_pseudo_neurons or selectivity_match < 0:
+            raise ConfigError("analysis.selectivity_match", selectivity_match,
+                              f"0 (all pseudo-neurons) or an integer >= analysis.min_pseudo_neurons ({min_pseudo_neurons})")  # fmt: skip
 
     def requirements(self, run) -> Requirements:
         # Every statistic the two-fold analysis can read, whatever this run's options: one cached
@@ -192,14 +204,14 @@ class TwoFoldAnalysis(Analysis):
         from intraneuron.analyses.two_fold.reasons import layer_reasons
 
         reasons = layer_reasons(tables["neurons"], tables.get("pseudo_neurons"), metrics,
-                                mantel=self.n_mantel_permutations > 0)  # fmt: skip
+                                mantel=self.n_mantel_permutations > 0, min_null=self.min_pseudo_neurons)  # fmt: skip
         return LayerResult(tables=tables, metrics=metrics, figures=layer_figures(tables, layer, self.alpha),
                            reasons=reasons)  # fmt: skip
 
     def missing_reason(self, row, column: str) -> str:
         from intraneuron.analyses.two_fold.reasons import neuron_reason
 
-        return neuron_reason(row, column)
+        return neuron_reason(row, column, self.min_pseudo_neurons)
 
     def _layer_metrics(self, tables: dict[str, pd.DataFrame], *, labelled: bool) -> dict[str, float]:
         """The layer metrics (and, in place, the neurons table's geometry excess against the
@@ -209,9 +221,10 @@ class TwoFoldAnalysis(Analysis):
         from intraneuron.analyses.two_fold.aggregate import aggregate_layer, geometry_excess
 
         rows, pseudo_rows = tables["neurons"], tables.get("pseudo_neurons")
+        null = {"min_null": self.min_pseudo_neurons, "match": self.selectivity_match}
         if pseudo_rows is not None:
-            rows = tables["neurons"] = geometry_excess(rows, pseudo_rows)
-        metrics = aggregate_layer(rows, self.alpha, pseudo_rows)
+            rows = tables["neurons"] = geometry_excess(rows, pseudo_rows, **null)
+        metrics = aggregate_layer(rows, self.alpha, pseudo_rows, **null, judged=pseudo_rows is not None)
         metrics["core_tokens/n_mean"] = float(rows["n_core"].mean()) if len(rows) else np.nan
         metrics["core_tokens/overlap_median"] = float(rows["core_overlap"].median()) if len(rows) else np.nan
         metrics["core_tokens/reliability_median"] = float(rows["core_reliability"].median()) if len(rows) else np.nan
@@ -335,6 +348,10 @@ class TwoFoldAnalysis(Analysis):
             else:
                 names[c] = f"category {c}"
         return names
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _ratio(rows, numerator: str, denominator: str) -> float:
