@@ -232,7 +232,7 @@ def _run_pass(
     ids = windows.ids  # [W, T] memmap
     n_windows = ids.shape[0]
     window_range = range(n_windows) if window_range is None else window_range
-    keys = keys if keys is not None else TypeKeys.of_windows(ids, window_range, skip)
+    keys = keys if keys is not None else TypeKeys.of_windows(ids, window_range, skip, settings.fold_block_windows)
     table_bytes = layer_footprint(spec, settings, d_mlp=d_mlp, d_model=d_model, n_types=len(keys.types),
                                   n_folds=len(keys.folds)).tables  # fmt: skip
 
