@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from intraneuron.errors import ConfigError
 from intraneuron.extraction import ExtractionConfig, extract_profiles
 from intraneuron.extraction.engine import profile_key_fields
 from intraneuron.extraction.stats import CombinedStat, resolve_stats, stat_key_fields
@@ -184,3 +185,20 @@ def test_the_fold_block_is_in_the_key_of_fold_profiles_only(tiny_gpt2, small_win
     assert fields(blocked, SPEC) != fields(SETTINGS, SPEC)
     assert fields(blocked, ("token_types", "topk")) == fields(SETTINGS, ("token_types", "topk"))
     assert fields(dataclasses.replace(blocked, batch_size=3), SPEC) == fields(blocked, SPEC)
+
+
+def test_a_block_longer_than_half_the_corpus_is_refused_before_the_pass(tiny_gpt2, small_windows):
+    calls = []
+    hook = tiny_gpt2.model.transformer.h[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ConfigError) as err:  # 64 windows: blocks of 33 leave the second half 31
+            extract_profiles(tiny_gpt2, small_windows, [1], dataclasses.replace(SETTINGS, fold_block_windows=33),
+                             cache=None, stats=SPEC)  # fmt: skip
+    finally:
+        hook.remove()
+    assert err.value.key == "extraction.fold_block_windows" and "64 windows" in str(err.value) and not calls
+    halves = extract_profiles(tiny_gpt2, small_windows, [1], dataclasses.replace(SETTINGS, fold_block_windows=32),
+                              cache=None, stats=SPEC)[1].split_type_stats()[1].sum(1)  # fmt: skip
+    assert halves.tolist() == [32 * 31, 32 * 31]
+    no_folds = dataclasses.replace(SETTINGS, fold_block_windows=33)  # read by the fold table only
+    assert extract_profiles(tiny_gpt2, small_windows, [1], no_folds, cache=None, stats=("topk",))[1].n_tokens == 64 * 31

@@ -87,6 +87,11 @@ def extract_profiles(
     """
     settings.validate()
     spec = resolve_stats(stats, settings)
+    n_windows, block = int(windows.ids.shape[0]), settings.fold_block_windows
+    # from there on the second half holds less than one block (nothing once block >= n_windows)
+    if "fold_token_types" in spec and 2 * block > n_windows:
+        raise ConfigError("extraction.fold_block_windows", block,
+                          f"at most half the corpus's {n_windows} windows ({n_windows // 2})")  # fmt: skip
     for layer in layers:  # fail on a bad layer or site before any forward pass
         handle.site(f"blocks.{layer}.{settings.site}")
         if "input_token_types" in spec:
