@@ -49,12 +49,12 @@ def assert_same_profile(got, want) -> None:
             torch.testing.assert_close(value, expected, rtol=2e-5, atol=1e-6, msg=key)
 
 
-def partial_profiles(handle, windows, shards: int, spec=SPEC) -> list:
+def partial_profiles(handle, windows, shards: int, spec=SPEC, settings=SETTINGS) -> list:
     """Each shard's partial profile, extracted by the engine's pass over its window range."""
     from intraneuron.extraction.engine import _run_pass
     from intraneuron.extraction.stats import resolve_stats
 
-    settings = shard_settings(0, shards)
+    settings = dataclasses.replace(settings, corpus_shard=0, corpus_shards=shards)
     spec = resolve_stats(spec, settings)
     return [
         _run_pass(handle, windows, [LAYER], settings, spec, window_range=shard_windows(windows.n_windows, i, shards))[
@@ -95,6 +95,24 @@ def test_merged_shards_equal_the_one_worker_profile(handle, small_windows, whole
     calib = [p.tensors["pseudo.calib_pseudo_mean"] for p in partials]
     assert all(torch.equal(c, calib[0]) for c in calib)  # every shard calibrates on the one sample
     assert_same_profile(merge_profiles(partials), whole)
+
+
+def test_merged_shards_with_blocked_halves_equal_the_one_worker_profile(handle, small_windows, monkeypatch):
+    """Blocks of 5 windows straddle the shard edges (21, 42): each shard puts a window in the half
+    of its global index, so the halves merge into the one-worker pass's; a shard's tables are sized
+    by its own blocked keys (none grows during its pass)."""
+    from intraneuron.extraction.type_tables import TokenTypeTable
+
+    blocked = dataclasses.replace(SETTINGS, fold_block_windows=5)
+    whole = extract_profiles(handle, small_windows, [LAYER], blocked, cache=None, stats=SPEC)[LAYER]
+    with monkeypatch.context() as patch:
+        patch.setattr(TokenTypeTable, "_grow", lambda table, keys: pytest.fail("a table grew during a shard's pass"))
+        partials = partial_profiles(handle, small_windows, 3, settings=blocked)
+    assert_same_profile(merge_profiles(partials), whole)
+    _, counts, _ = whole.split_type_stats()  # [2, T]
+    halves = (np.arange(small_windows.n_windows) // 5) % 2  # [W]
+    kept = small_windows.window_len - SETTINGS.skip_first_positions
+    assert counts.sum(1).tolist() == [int((halves == h).sum()) * kept for h in (0, 1)]
 
 
 def test_topk_ties_keep_the_smallest_positions_whatever_the_batching(tiny_gpt2, small_windows, tmp_path):

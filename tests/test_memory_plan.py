@@ -95,6 +95,29 @@ def test_a_small_budget_splits_the_layers_into_passes_equal_to_one_pass(tiny_gpt
     assert plan.passes == [[0, 1], [2]]
 
 
+def test_blocked_halves_fill_the_tables_the_plan_sized_and_split_passes_equal_one(tiny_gpt2, small_windows,
+                                                                                  monkeypatch):  # fmt: skip
+    """The plan's keys and the pass's fold keys follow one block size: no table grows during the
+    pass (a grown table is memory the plan did not count), and three passes give one pass's numbers."""
+    from intraneuron.extraction.type_tables import TokenTypeTable
+
+    blocked = dataclasses.replace(SETTINGS, fold_block_windows=6)
+    one = extract_profiles(tiny_gpt2, small_windows, LAYERS, blocked, cache=None, stats=SPEC)
+
+    def refuse(table, keys):
+        raise AssertionError(f"a type table grew during the pass by {keys.numel()} keys")
+
+    monkeypatch.setattr(TokenTypeTable, "_grow", refuse)
+    split = extract_profiles(tiny_gpt2, small_windows, LAYERS, dataclasses.replace(
+        blocked, memory_gb=budget_for(tiny_gpt2, small_windows, 1)), cache=None, stats=SPEC)  # fmt: skip
+    for layer in LAYERS:
+        assert sorted(split[layer].tensors) == sorted(one[layer].tensors)
+        for key, value in one[layer].tensors.items():
+            assert torch.equal(split[layer][key], value), (layer, key)
+    _, counts, _ = one[0].split_type_stats()  # [2, T]: blocks of 6 of the 64 windows, 31 tokens kept each
+    assert counts.sum(1).tolist() == [34 * 31, 30 * 31]
+
+
 def test_a_layer_that_cannot_fit_is_refused_before_any_forward(tiny_gpt2, small_windows):
     settings = dataclasses.replace(SETTINGS, memory_gb=1.0)  # all of it held already
     calls, hook = count_forwards(tiny_gpt2)

@@ -30,6 +30,9 @@ class ExtractionConfig:
     # is conf/extraction/default.yaml's default; the schema keeps the old one for direct callers.
     input_site: str | None = "hook_resid_pre"
     track_type_max: bool = True
+    # windows per block of the cross-fitting halves (stat fold_token_types): window w is in half
+    # (w // fold_block_windows) % 2, so 1 is even / odd windows (extraction/types.py)
+    fold_block_windows: int = 1
     hist_min: float = -10.0
     hist_max: float = 10.0
     hist_bins: int = 200
@@ -69,6 +72,7 @@ class ExtractionConfig:
         if self.input_site not in INPUT_SITES:
             raise ConfigError("extraction.input_site", self.input_site, INPUT_SITES)
         _boolean("track_type_max", self.track_type_max)
+        _integer("fold_block_windows", self.fold_block_windows, 1)
         _finite("hist_min", self.hist_min)
         _finite("hist_max", self.hist_max)
         if not self.hist_min < self.hist_max:

@@ -102,6 +102,11 @@ def extract_profiles(
     """
     settings.validate()
     spec = resolve_stats(stats, settings)
+    n_windows, block = int(windows.ids.shape[0]), settings.fold_block_windows
+    # from there on the second half holds less than one block (nothing once block >= n_windows)
+    if "fold_token_types" in spec and 2 * block > n_windows:
+        raise ConfigError("extraction.fold_block_windows", block,
+                          f"at most half the corpus's {n_windows} windows ({n_windows // 2})")  # fmt: skip
     for layer in layers:  # fail on a bad layer or site before any forward pass
         handle.site(f"blocks.{layer}.{settings.site}")
         if "input_token_types" in spec:
@@ -247,7 +252,7 @@ def _run_pass(
     ids = windows.ids  # [W, T] memmap
     n_windows = ids.shape[0]
     window_range = range(n_windows) if window_range is None else window_range
-    keys = keys if keys is not None else TypeKeys.of_windows(ids, window_range, skip)
+    keys = keys if keys is not None else TypeKeys.of_windows(ids, window_range, skip, settings.fold_block_windows)
     table_bytes = layer_footprint(spec, settings, d_mlp=d_mlp, d_model=d_model, n_types=len(keys.types),
                                   n_folds=len(keys.folds)).tables  # fmt: skip
 

@@ -162,7 +162,8 @@ def plan_extraction(
     """The memory plan of extracting `layers` over `window_range` (default: every window), and the
     type keys that size its tables; raises ConfigError before any pass when one layer cannot fit."""
     window_range = range(int(windows.ids.shape[0])) if window_range is None else window_range
-    keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions)
+    keys = TypeKeys.of_windows(windows.ids, window_range, settings.skip_first_positions,
+                               settings.fold_block_windows)
     dims = {"d_mlp": handle.d_mlp, "d_model": handle.d_model}
     on_host = torch.device(settings.device).type == "cpu"  # a GPU's tables may spill to the host: counted as new
     per_layer = layer_footprint(spec, settings, n_types=len(keys.types), n_folds=len(keys.folds), on_host=on_host,

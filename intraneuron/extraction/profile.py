@@ -27,7 +27,7 @@ class ActivationProfile:
     # resid_ids [T'], resid_count [T'], resid_mean [T', M] (same types as type_* when both are there),
     # topk_values [D, K] (descending), topk_positions [D, K] (global position = window * window_len + pos),
     # topk_token_ids [D, K], act_* [D] moments, hist_edges [B + 1], hist_counts [D, B + 2],
-    # fold_ids [F] (token_id * 2 + window % 2), fold_count [F], fold_mean, fold_max [F, D],
+    # fold_ids [F] (token_id * 2 + half, extraction/types.py fold_half), fold_count [F], fold_mean, fold_max [F, D],
     # pseudo.<any of the above> over n pseudo-neurons, pseudo.source_neurons [n],
     # pseudo.rotation_seed [2] (seed, layer), pseudo.calib_{pseudo,real}_{mean,sd} [r, n]
 
@@ -51,7 +51,8 @@ class ActivationProfile:
         )
 
     def split_type_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per token type, per half of the corpus (even / odd windows), for cross-fitting.
+        """Per token type, per half of the corpus (alternating blocks of windows,
+        extraction.fold_block_windows; 1: even / odd windows), for cross-fitting.
 
         Returns type_ids [T] (sorted; seen in either half), counts [2, T] int64 and
         means [2, T, D] float32 (NaN where that half never saw the type).

@@ -2,10 +2,10 @@
 into the profile one job would have extracted over the whole corpus.
 
 Why this is exact: every stat is mergeable (extraction/reducers.py), a shard's pass uses global window
-indices and token positions (so top-k positions, the even/odd window folds and topk_token_ids mean
-the same in every shard), ties in the top-k are broken by position, and every shard calibrates its
-pseudo-neurons on the same sample of windows strided over the whole corpus, forwarded in the same
-chunks, so all shards' pseudo-neurons are one set. Counts, top-k, extremes and histograms merge exactly; float sums and moments to about
+indices and token positions (so top-k positions, the corpus half of each window, which a block of
+halves may straddle shards, and topk_token_ids mean the same in every shard), ties in the top-k are
+broken by position, and every shard calibrates its pseudo-neurons on the same sample of windows
+strided over the whole corpus, forwarded in the same chunks, so all shards' pseudo-neurons are one set. Counts, top-k, extremes and histograms merge exactly; float sums and moments to about
 1e-7 relative (they are saved as float32 means and standardised moments).
 
 Shard i of n holds windows [i * W // n, (i + 1) * W // n): the sizes differ by at most one.

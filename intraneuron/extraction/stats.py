@@ -11,8 +11,9 @@ union of the stats' `state_dict`s never has two stats writing one key:
     histogram          hist_edges [B + 1], hist_counts [D, B + 2]
     input_token_types  resid_ids, resid_count [T], resid_mean [T, M]  (needs extraction.input_site)
     fold_token_types   fold_ids, fold_count [F], fold_mean, fold_max [F, D]: a token-type table keyed
-                       by token_id * 2 + window % 2, so even and odd windows are two halves of the
-                       corpus (select on one, measure on the other); see ActivationProfile.split_type_stats
+                       by token_id * 2 + half, the halves of the corpus alternating by blocks of
+                       extraction.fold_block_windows windows (1: even / odd windows; select on one
+                       half, measure on the other); see ActivationProfile.split_type_stats
     pseudo_neurons     pseudo.<every key above of the spec's neuron stats> for random read-in
                        directions through the layer's own nonlinearity (extraction/pseudo.py), plus
                        pseudo.source_neurons, pseudo.rotation_seed and the calibration constants
@@ -30,7 +31,7 @@ from intraneuron.errors import ConfigError
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.reducers import Histogram, Moments, Stat, State, TopK
 from intraneuron.extraction.type_tables import TokenTypeTable, TypesFromFolds
-from intraneuron.extraction.types import TypeKeys
+from intraneuron.extraction.types import TypeKeys, fold_half
 
 STAT_NAMES = (
     "topk", "token_types", "moments", "histogram", "input_token_types", "fold_token_types", "pseudo_neurons",
@@ -55,7 +56,7 @@ _CLASSES: dict[str, type[Stat]] = {
 FIELDS_OF = {
     "topk": ("top_k",),
     "token_types": ("track_type_max",),
-    "fold_token_types": ("track_type_max",),
+    "fold_token_types": ("track_type_max", "fold_block_windows"),
     "histogram": ("hist_min", "hist_max", "hist_bins"),
     "input_token_types": ("input_site",),
     "pseudo_neurons": ("pseudo_neurons", "pseudo_seed", "pseudo_calibration_windows"),
@@ -109,13 +110,16 @@ def stat_key_fields(spec: Iterable[str], config: ExtractionConfig) -> dict:
 class CombinedStat:
     """The stats of one layer: `add` routes each tensor to the stats that read it."""
 
-    def __init__(self, stats: Mapping[str, Stat]):
+    def __init__(self, stats: Mapping[str, Stat], fold_block: int = 1):
         """`stats["pseudo_neurons"]` is an extraction.pseudo.PseudoNeurons (it holds its own
-        CombinedStat over the pseudo columns)."""
+        CombinedStat over the pseudo columns); `fold_block`: windows per block of the fold table's
+        halves (extraction.fold_block_windows). A rebuilt CombinedStat merges whatever its tables'
+        keys say; only `add` reads `fold_block`."""
         unknown = set(stats) - ALL_STATS
         if unknown:
             raise ValueError(f"unknown stats {sorted(unknown)}; expected names from {STAT_NAMES}")
         self.stats = {name: stats[name] for name in STAT_NAMES if name in stats}
+        self.fold_block = fold_block
 
     @classmethod
     def build(
@@ -154,7 +158,7 @@ class CombinedStat:
         }
         for name in sorted(spec, key=lambda n: n != "fold_token_types"):  # the fold table first
             stats[name] = makers[name]()
-        return cls(stats)
+        return cls(stats, config.fold_block_windows)
 
     @property
     def spec(self) -> tuple[str, ...]:
@@ -184,7 +188,7 @@ class CombinedStat:
         if "fold_token_types" in s:
             if window_idx is None:
                 raise ValueError("the stat 'fold_token_types' needs window_idx")
-            s["fold_token_types"].add(acts, token_ids * 2 + window_idx % 2)
+            s["fold_token_types"].add(acts, token_ids * 2 + fold_half(window_idx, self.fold_block))
         if "pseudo_neurons" in s:
             if mlp_in is None:
                 raise ValueError("the stat 'pseudo_neurons' needs mlp_in")

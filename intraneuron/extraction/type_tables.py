@@ -47,7 +47,7 @@ class TokenTypeTable(Stat):
         self.max = torch.full((rows, width), -torch.inf, device=device) if track_max else None  # [R, D]
 
     def add(self, acts: torch.Tensor, keys: torch.Tensor) -> None:
-        """acts [N, D]; keys [N] (token ids, or the fold keys token_id * 2 + window % 2)."""
+        """acts [N, D]; keys [N] (token ids, or the fold keys token_id * 2 + half)."""
         unique, inverse = torch.unique(keys, return_inverse=True)  # [U_b], [N]
         x = acts.float()
         batch_sum = torch.zeros(unique.numel(), x.shape[1], device=x.device).index_add_(0, inverse, x)  # [U_b, D]

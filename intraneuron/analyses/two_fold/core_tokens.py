@@ -4,7 +4,8 @@ Candidates are token types (values = mean activation per type; invalid = too few
 occurrences (values = the top-k activations). Selection is vectorised over blocks of neurons.
 
 Cross-fitting (unit=type, on by default): the tokens are chosen by their mean activation over one
-half of the corpus (even windows) and measured over the other (odd windows). Choosing and testing on
+half of the corpus and measured over the other (alternating blocks of windows,
+extraction.fold_block_windows; 1 = even / odd windows). Choosing and testing on
 the same means is a winner's curse: the chosen top of a noisy ranking is biased upward, most where a
 type is rare, and embeddings that encode frequency turn that bias into "structure". Each neuron
 also reports how well its core set replicates across the halves (`core_overlap`: the share of the
@@ -191,7 +192,7 @@ class CoreTokensConfig:
     drop_whitespace_punct: bool = False
     drop_byte_fragments: bool = False
     drop_special: bool = True  # the tokenizer's special tokens (BOS, EOS, padding) are never core tokens
-    cross_fit: bool = True  # unit=type: choose on even windows, measure on odd windows
+    cross_fit: bool = True  # unit=type: choose on one half of the windows, measure on the other
     min_selectivity: float = 1.0  # core-token mean over the neuron's corpus mean, in its SDs
     repeats: str = "merge"  # unit=occurrence: merge | keep (repeats of one type stay separate tokens)
     merge_variants: bool = True  # case and leading-space variants of one word are one core unit
