@@ -3,7 +3,11 @@ stored in tests/golden/two_fold.json (written by the code at the commit recorded
 geometry-controlled defaults, cross-fitted core tokens, the gap statistic's K and the sequential
 top-segment p, with 16 pseudo-neurons per layer).
 
-Last regenerated for the lean extraction engine, on purpose: against the previous file every
+Last regenerated, on purpose, for the calibrated geometry null (empirical p with a GPD tail, the
+null matched in selectivity, its self-calibration and the headlines' pseudo values and excesses:
+new metrics), surface variants merged into one core unit (fewer, pooled core tokens: the default
+case now analyses 1 neuron of layer 0 instead of 9) and the gap statistic's references drawn from
+the vectors' principal components (K). Before that, for the lean extraction engine: every
 integer, string, core token, K and category was unchanged; real-neuron statistics moved by at most
 2.3e-7 relative (type tables reduced per batch in float32 before their float64 sums) and what is
 derived from them by at most 4e-5 (a segment's mean near zero; 1e-5 otherwise); the geometry comparisons (`*_geometry`, `*_excess`, the
