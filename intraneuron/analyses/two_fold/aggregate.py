@@ -65,7 +65,7 @@ DISTRIBUTIONS: dict[str, str] = {
 }
 
 # summarised over the neurons with categories (K >= 2) only
-WITH_CATEGORIES = ("homomorphism/ari", "homomorphism/ami")
+AMONG_CATEGORISED = ("homomorphism/ari", "homomorphism/ami")
 
 # The headline summaries, each reported beside the pseudo-neurons' value of it and the excess.
 NULL_COMPARED: tuple[str, ...] = (
@@ -100,7 +100,7 @@ def aggregate_layer(
         ),
     }
     for name, column in DISTRIBUTIONS.items():
-        population = with_topdown if name in WITH_CATEGORIES else analysed
+        population = with_topdown if name in AMONG_CATEGORISED else analysed
         for stat, value in distribution(_column(population, column)).items():
             metrics[f"{name}/{stat}"] = value
 
