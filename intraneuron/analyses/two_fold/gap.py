@@ -16,9 +16,9 @@ pseudo-neurons. Normalised after the draw, a reference shows the same caps.
 Measured (K = 1 share; Ward on unit vectors, B = 10): anisotropic Gaussians of 100 tokens,
 eigenvalues 1/i^a with a in {1, 1.5, 2}, d 64-576, mean 0-4 total SDs off the origin, 50 draws
 each: sd_box 100% in every setting, range_box 90-100%, gaussian 76-100%. SmolLM2-135M layer 0
-(`experiment=quick`: 131k tokens, 498 pseudo-neurons, 1,437 neurons): pseudo-neurons sd_box 100%,
-gaussian 97.4%, range_box 84.7% (heavier tails than a Gaussian: range / SD 5.8 per component
-against 5.0), earlier 28.9%; neurons 99.9%, 98.8%, 85.9%, 25.3%. Power: categories 1.5
+(`experiment=quick neurons=all`: 131k tokens, 498 pseudo-neurons, 1,437 neurons): pseudo-neurons
+sd_box 100%, gaussian 97.4%, range_box 84.7% (heavier tails than a Gaussian: range / SD 5.8 per
+component against 5.0), earlier 28.9%; neurons 99.9%, 98.8%, 85.9%, 25.3%. Power: categories 1.5
 within-category SDs apart (isotropic within, d 32) keep their K in every draw with all three; 1.0 SD
 apart, sd_box 36-96% against 92-100% for gaussian. sd_box is the only one that holds the null
 everywhere; gaussian gains power at small separations and loses calibration. What normalisation
