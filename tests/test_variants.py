@@ -167,13 +167,13 @@ def _variant_neuron(seed):
     """A neuron whose core tokens are 30 words in 3 forms each: word vectors isotropic (no
     categories), each form shifted by its own offset (as embeddings place " said" and "said"),
     activation a property of the word. Returns (texts, profile, embedding matrix, word vectors,
-    word levels)."""
+    word levels). Every form is offset: a form left at the words' centre, the origin here, is
+    spread over the whole sphere by the L2 normalisation, and no longer a category there."""
     rng = np.random.default_rng(seed)
     stems = [f"v{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(WORDS)]
     texts = [form for stem in stems for form in (f" {stem}", stem, f" {stem.capitalize()}")]
     words = rng.normal(size=(WORDS, D))
     offsets = 1.5 * rng.normal(size=(FORMS, D))
-    offsets[0] = 0
     matrix = (words[:, None] + offsets[None]).reshape(WORDS * FORMS, D).astype(np.float32)
     counts = np.stack([rng.poisson([20, 8, 4], size=(WORDS, FORMS)).reshape(-1) + 5 for _ in range(2)])
     level = rng.normal(size=WORDS)
