@@ -39,7 +39,7 @@ from intraneuron.reports.artifacts import load_summary
 REPO = Path(__file__).resolve().parents[1]
 SWEPT = {
     "core_tokens": "top100,fraction_of_max",
-    "clustering": "ward,kmeans_silhouette",  # as measured in the README (k-means by the gap: 50x Ward)
+    "clustering": "ward,kmeans_silhouette",  # as measured in docs/performance.md (k-means by the gap: 50x Ward)
     "segmentation": "equal_count,jenks",
 }
 
