@@ -19,12 +19,10 @@ center_unembed=True` (with fold_ln's `center_weights=True`), restricted to the w
   RMSNorm models (Llama, Mistral, Qwen, SmolLM, Gemma)
     W_U:   W_U = diag(gamma_f) W_U;  W_U -= mean over vocab, b_U -= mean(b_U)
     w_gate, w_up: times gamma_2
-  Nothing is centred over d_model for RMSNorm: LayerNorm subtracts each position's mean, so the
-  all-ones direction never reaches a reader and removing it from W_U, w_in or w_out changes no
-  output; RMSNorm keeps it (x / rms(x)), so the same centring would change the logits by
-  sum_d(x_d) * mean_d(W_U[:, v]), which differs across tokens. Folded gains make the processed
-  final norm gain-free (`Unembedding.norm` then has gain 1 and bias 0), so processed logits are
-  norm(x) @ W_U + b_U = raw logits minus their mean over the vocabulary.
+  Nothing is centred over d_model for RMSNorm (why: docs/derivations.md, "Processed weights").
+  Folded gains make the processed final norm gain-free (`Unembedding.norm` then has gain 1 and
+  bias 0), so processed logits are norm(x) @ W_U + b_U = raw logits minus their mean over the
+  vocabulary.
 
 W_U covers the real vocabulary only: rows of the output embedding beyond the tokenizer (Pythia pads
 50277 tokens to 50304) are dropped, and the vocabulary centring runs over the real tokens (TL

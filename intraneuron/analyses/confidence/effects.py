@@ -6,16 +6,12 @@ frequency-frozen effect on the next-token distribution (Stolfo et al. 2024, spec
     freeze_direction(z_ablated, z_clean, u)                    -> logits with z_clean's projection on u
     mean_activation(handle, ids, layer, neurons)               -> [m] ablation values (from forward)
 
-Analytic path (final layer only: after its neurons come only the final norm and W_U). Ablating
-neuron i to its mean moves the residual r to r' = r + delta * w_i, delta = mean_i - a_i. With
-c(x) the centring (LayerNorm) or identity (RMSNorm), g / b the norm's gain / bias:
-    logits(x) = (c(x) * g) @ W_U / s(x) + (b @ W_U + b_U)  = (A + delta * B_i) / s + const
-    A = (c(r) * g) @ W_U [tokens, V]   B_i = (c(w_i) * g) @ W_U [V]   s = sqrt(mean(c(x)^2) + eps)
-TE recomputes s on r', DE keeps the clean s (the paper's frozen `ln_final.hook_scale`), DE_freq
-shifts the TE logits along the unit frequency direction u back to the clean projection. So an
-ablated logit costs a multiply-add per (neuron, token, vocab) entry instead of a [d_model]
-dot product: the norm is never re-applied to a [chunk, tokens, d_model] stack and W_U is never
-multiplied again (the paper's code does both).
+Analytic path (final layer only: after its neurons come only the final norm and W_U): the ablated
+logits are (A + delta * B_i) / s + const, A the clean residual's and B_i the neuron's output row's
+normed product with W_U, so the norm is never re-applied and W_U never multiplied again. TE
+recomputes the norm's scale s on the ablated residual, DE keeps the clean s, DE_freq shifts the TE
+logits along the unit frequency direction u back to the clean projection. The derivation:
+docs/derivations.md ("Mean ablation at the last layer, analytically").
 
 Memory: one step holds chunk x token_block x vocab float32 logits and their softmax, so
     peak ~ 8 * chunk * token_block * vocab bytes  (+ 8 * token_block * vocab for A and one

@@ -8,22 +8,8 @@ vectors *before* normalisation, then L2-normalised like them (`clustering.refere
   SD of its component, so the references have the vectors' mean and covariance.
 - `range_box`: Tibshirani's second reference, the box spanning each component's range (min..max).
 - `gaussian`: a Gaussian with the vectors' mean and covariance.
-Why. A zero-centred anisotropic cloud, once normalised, lies in two antipodal caps around its top
-component, and an off-centre one on an elongated cap; references drawn uniformly in the box of the
-*normalised* vectors (our earlier reference) fill that box and look unclustered beside either, so
-K >= 2 came out for 77-100% of anisotropic Gaussian draws and for 71% of SmolLM2's layer-0
-pseudo-neurons. Normalised after the draw, a reference shows the same caps.
-Measured (K = 1 share; Ward on unit vectors, B = 10): anisotropic Gaussians of 100 tokens,
-eigenvalues 1/i^a with a in {1, 1.5, 2}, d 64-576, mean 0-4 total SDs off the origin, 50 draws
-each: sd_box 100% in every setting, range_box 90-100%, gaussian 76-100%. SmolLM2-135M layer 0
-(`experiment=quick neurons=all`: 131k tokens, 498 pseudo-neurons, 1,437 neurons): pseudo-neurons
-sd_box 100%, gaussian 97.4%, range_box 84.7% (heavier tails than a Gaussian: range / SD 5.8 per
-component against 5.0), earlier 28.9%; neurons 99.9%, 98.8%, 85.9%, 25.3%. Power: categories 1.5
-within-category SDs apart (isotropic within, d 32) keep their K in every draw with all three; 1.0 SD
-apart, sd_box 36-96% against 92-100% for gaussian. sd_box is the only one that holds the null
-everywhere; gaussian gains power at small separations and loses calibration. What normalisation
-hides: a category whose vectors surround the origin is spread over the whole sphere and found by
-none of them (the earlier reference's K >= 2 there was the anisotropy it saw everywhere).
+Why these references, and what they measured against the earlier one: docs/derivations.md
+("Choosing K: the gap statistic's references").
 """
 
 from __future__ import annotations
