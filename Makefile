@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-slow bench lint lock
+.PHONY: setup run test test-slow bench lint docs lock
 
 setup:
 	@bash scripts/setup.sh
@@ -21,6 +21,11 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check intraneuron tests benchmarks
+
+# The documentation site (mkdocs.yml: README.md, docs/, experiments/) into site/; a warning, such as a
+# broken link or anchor, fails the build.
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
 
 # Regenerate requirements.lock from pyproject.toml's ranges (on purpose; commit it with a green run).
 lock:
