@@ -281,3 +281,17 @@ def test_the_calibration_sample_costs_no_forward_of_its_own(handle, small_window
     finally:
         hook.remove()
     assert sum(windows_forwarded) == small_windows.ids.shape[0]
+
+
+def test_the_calibration_folded_into_the_read_in_gives_the_calibrated_activations(handle, small_windows):
+    """activations() multiplies by the calibration-folded weights; the documented order (GEMM, then
+    Calibration.apply, then the activation function) gives the same values up to float32 rounding."""
+    stat = PseudoNeurons.build(handle, LAYER, SPEC, SETTINGS, vocab_size=handle.vocab_size)
+    x = capture(handle, small_windows, [f"blocks.{LAYER}.ln2.hook_normalized"])
+    mlp_in = x[f"blocks.{LAYER}.ln2.hook_normalized"][:, SKIP:].reshape(-1, handle.d_model)
+    stat.calibrate(mlp_in[:200])
+    assert not torch.allclose(stat.calibration.pseudo_sd, stat.calibration.real_sd)  # the fold does something
+    pre = stat.calibration.apply(stat.pre_activations(mlp_in))  # [N, r, n]
+    act = act_fn(handle)(pre[:, 0])
+    expected = act * pre[:, 1] if pre.shape[1] == 2 else act
+    np.testing.assert_allclose(stat.activations(mlp_in).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
