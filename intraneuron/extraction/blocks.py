@@ -18,7 +18,13 @@ from collections.abc import Iterable
 
 from intraneuron.extraction.cache import ProfileCache, cache_key
 from intraneuron.extraction.config import ExtractionConfig
-from intraneuron.extraction.engine import ProgressCallback, _run_planned, _save, check_before_pass, profile_key_fields
+from intraneuron.extraction.engine import (
+    ProgressCallback,
+    _run_planned,
+    _save,
+    check_before_pass,
+    profile_key_fields,
+)
 from intraneuron.extraction.profile import ActivationProfile
 from intraneuron.extraction.pseudo import Calibration
 from intraneuron.extraction.shards import merge_profiles, shard_windows
