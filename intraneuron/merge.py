@@ -259,7 +259,7 @@ def merge_group(client, target_id: str, members: list[ShardRun], *, allow_gaps: 
         tables = [download_layer_tables(client, m.run_id, layer) for m in shards]
         covered = check_coverage(layer, shards, tables, allow_gaps=allow_gaps)
         result = analysis.merge_layer(run_config, layer, tables)
-        values, reasons = artifacts.log_layer_result(tracker, layer, result, headline)
+        values, reasons = artifacts.log_layer_result(tracker, layer, result, headline, analysis.companions)
         layer_metrics[layer] = result.metrics
         merged.append(MergedLayer(target_id, layer, [m.run_id for m in shards], covered, values, reasons))
     for name, figure in analysis.run_figures(layer_metrics).items():

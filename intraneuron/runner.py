@@ -37,6 +37,7 @@ class JobSummary:
 
 def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     from intraneuron.extraction import extract_profiles
+    from intraneuron.extraction.blocks import extract_blocks
     from intraneuron.extraction.cache import ProfileCache, cache_key
     from intraneuron.extraction.engine import profile_key_fields
     from intraneuron.extraction.shards import ShardPending
@@ -72,8 +73,12 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     started = time.perf_counter()
     cache = ProfileCache(paths.cache_dir())
     try:
-        profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
-                                    on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
+        if requirements.blocks:  # the profile as contiguous corpus blocks, for the analysis's intervals
+            profiles, job.blocks = extract_blocks(handle, windows, rc.layers, rc.extraction, cache, requirements.blocks,
+                                                  stats=stats, on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
+        else:
+            profiles = extract_profiles(handle, windows, rc.layers, rc.extraction, cache, stats=stats,
+                                        on_progress=tracker.progress_callback("extraction/progress"))  # fmt: skip
     except ShardPending as pending:  # this job's corpus shard is cached; another job merges and analyses
         tracker.log_metrics({"extraction_seconds": time.perf_counter() - started})
         tracker.set_tags({"intraneuron.extraction_shard_pending": str(pending)})
@@ -91,7 +96,9 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     for layer in rc.layers:
         profile = profiles.pop(layer)  # held for this layer only (a many-layer job's profiles are large)
         result = analysis.analyse_layer(job, layer, profile)
-        summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
+        job.blocks.pop(layer, None)
+        summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(
+            tracker, layer, result, headline, analysis.companions)
         layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()

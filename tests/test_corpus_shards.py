@@ -265,7 +265,7 @@ def test_a_pending_shard_job_ends_finished_and_the_last_one_analyses(run_job, tm
     job = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=4096", "layer=0", "neurons=range",
            "neurons.stop=12", "core_tokens.n=30", "core_tokens.min_count=2", "analysis.n_permutations=9",
            "analysis.n_mantel_permutations=0", "analysis.n_jobs=1", "extraction.pseudo_neurons=8",
-           "extraction.progress=false", "extraction.corpus_shards=2"]  # fmt: skip
+           "extraction.progress=false", "extraction.corpus_shards=2", "analysis.interval_blocks=0"]  # fmt: skip
     pending, client = run_job(*job, "extraction.corpus_shard=0")
     assert pending.layers == {}
     run = client.get_run(pending.run_id)

@@ -21,7 +21,8 @@ from intraneuron.reports.artifacts import load_summary, load_table
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: 32 neurons and 16 pseudo-neurons, few permutations. Layer 5 does not exist in the
 # 3-layer model, so those jobs fail validation (after their MLflow run is opened) while the others go on.
-SMALL = ["neurons=range", "neurons.stop=32", "extraction.pseudo_neurons=16", "extraction.progress=false"]
+SMALL = ["neurons=range", "neurons.stop=32", "extraction.pseudo_neurons=16", "extraction.progress=false",
+         "analysis.interval_blocks=0"]  # corpus intervals: tests/test_corpus_intervals.py
 BASE = ["experiment=smoke", *SMALL]
 TINY = ["model=tiny-gpt2", "corpus=tiny", "corpus.max_tokens=8192", "layer=[0,1]",
         "core_tokens.n=30", "core_tokens.min_count=2",

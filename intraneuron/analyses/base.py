@@ -45,12 +45,15 @@ class Requirements:
     stats: statistics kept per layer during the streaming pass (intraneuron.extraction.STAT_NAMES);
     they are part of the profile cache key. n_models: models loaded (`model` and `models.others`).
     passes: "observe" reads activations only; "intervene" also runs its own forward passes with
-    write hooks (`extraction.patching`) on `job.handle` inside `analyse_layer`.
+    write hooks (`extraction.patching`) on `job.handle` inside `analyse_layer`. blocks: G >= 2
+    extracts each layer's profile as G contiguous blocks of windows (extraction/blocks.py), handed
+    over in `job.blocks[layer]` for corpus intervals; the profile is their merge. 0: none.
     """
 
     stats: frozenset[str]
     n_models: int = 1  # `model` plus `models.others`
     passes: Literal["observe", "intervene"] = "observe"
+    blocks: int = 0
 
 
 @dataclass
@@ -88,6 +91,8 @@ class Job:
     handle: Any  # models.ModelHandle of `model`, the reference
     windows: Any  # corpus.TokenWindows
     others: list = field(default_factory=list)  # ModelHandles of `models.others`, same tokenizer
+    # layer -> its profile's contiguous corpus blocks, in corpus order (Requirements.blocks)
+    blocks: dict = field(default_factory=dict)
 
     @cached_property
     def token_texts(self) -> list[str]:
@@ -118,6 +123,9 @@ class Analysis(ABC, BaseEstimator):
     # the headline a reader looks at first: the experiment's runs table in MLflow's UI is sorted by
     # it, largest first (tracking/view.py). Empty: the first headline.
     main_headline: ClassVar[str] = ""
+    # readable name -> key of LayerResult.metrics: logged as MLflow metrics (L<l>/<name>) beside the
+    # headline, neither printed nor in the description (a headline's null value, excess, interval)
+    companions: ClassVar[Mapping[str, str]] = {}
     # columns of the neurons table that `report.top_by` may rank neurons by (largest first); the
     # first is the default. Empty: the analysis ranks no neurons (cards only for report.neurons/random).
     rank_by: ClassVar[tuple[str, ...]] = ()

@@ -100,17 +100,7 @@ def extract_profiles(
     once every PROGRESS_CALLBACK_SECONDS, and once at the end with tokens_done == tokens_total
     (also when every layer came from the cache), so a tracker can plot how far a long pass is.
     """
-    settings.validate()
-    spec = resolve_stats(stats, settings)
-    n_windows, block = int(windows.ids.shape[0]), settings.fold_block_windows
-    # from there on the second half holds less than one block (nothing once block >= n_windows)
-    if "fold_token_types" in spec and 2 * block > n_windows:
-        raise ConfigError("extraction.fold_block_windows", block,
-                          f"at most half the corpus's {n_windows} windows ({n_windows // 2})")  # fmt: skip
-    for layer in layers:  # fail on a bad layer or site before any forward pass
-        handle.site(f"blocks.{layer}.{settings.site}")
-        if "input_token_types" in spec:
-            handle.site(f"blocks.{layer}.{settings.input_site}")
+    spec = check_before_pass(handle, windows, layers, settings, stats)
     fields = {l: profile_key_fields(handle, windows, l, settings, spec) for l in layers}
     keys = {l: cache_key(fields[l]) for l in layers}
     profiles = {}
@@ -138,6 +128,22 @@ def extract_profiles(
         total = int(windows.ids.shape[0]) * (windows.window_len - settings.skip_first_positions)
         on_progress(total, total)
     return {l: profiles[l] for l in layers}
+
+
+def check_before_pass(handle, windows, layers: list[int], settings: ExtractionConfig, stats) -> tuple[str, ...]:
+    """The resolved spec, after every check that needs no forward pass (settings, fold blocks, sites)."""
+    settings.validate()
+    spec = resolve_stats(stats, settings)
+    n_windows, block = int(windows.ids.shape[0]), settings.fold_block_windows
+    # from there on the second half holds less than one block (nothing once block >= n_windows)
+    if "fold_token_types" in spec and 2 * block > n_windows:
+        raise ConfigError("extraction.fold_block_windows", block,
+                          f"at most half the corpus's {n_windows} windows ({n_windows // 2})")  # fmt: skip
+    for layer in layers:  # fail on a bad layer or site before any forward pass
+        handle.site(f"blocks.{layer}.{settings.site}")
+        if "input_token_types" in spec:
+            handle.site(f"blocks.{layer}.{settings.input_site}")
+    return spec
 
 
 def _extract_shard(
@@ -201,11 +207,12 @@ def _save(cache: ProfileCache, key: str, profile: ActivationProfile, key_fields:
 
 def _run_planned(
     handle, windows, layers, settings: ExtractionConfig, spec, on_progress: ProgressCallback | None = None,
-    window_range: range | None = None,
+    window_range: range | None = None, calibration: dict | None = None,
 ) -> Iterator[tuple[int, ActivationProfile, bool]]:
     """(layer, profile, whether the plan has several passes) for `layers`, from as many passes as
     the memory plan needs, each pass's profiles yielded as soon as it ends (the caller saves them
-    before the next pass starts, and may then drop them)."""
+    before the next pass starts, and may then drop them). calibration: layer -> the pseudo-neurons'
+    calibration fixed by an earlier pass over another range (see `_run_pass`)."""
     if not layers:
         return
     plan, keys = plan_extraction(handle, windows, layers, settings, spec, window_range)
@@ -217,7 +224,8 @@ def _run_planned(
             report = functools.partial(_pass_progress, on_progress, i, n)
         if n > 1:
             log.info("pass %d of %d: layers %s (about %.1f GB)", i + 1, n, group, plan.peak(group) / GB)
-        for layer, profile in _run_pass(handle, windows, group, settings, spec, report, window_range, keys).items():
+        passed = _run_pass(handle, windows, group, settings, spec, report, window_range, keys, calibration)
+        for layer, profile in passed.items():
             yield layer, profile, n > 1
 
 
@@ -236,9 +244,12 @@ def calibration_windows(n_windows: int, count: int) -> range | list[int]:
 
 def _run_pass(
     handle, windows, layers, settings: ExtractionConfig, spec, on_progress: ProgressCallback | None = None,
-    window_range: range | None = None, keys: TypeKeys | None = None,
+    window_range: range | None = None, keys: TypeKeys | None = None, calibration: dict | None = None,
 ) -> dict[int, ActivationProfile]:
     """One forward pass over `window_range` (default: every window) -> a profile per layer.
+
+    calibration: layer -> pseudo-neuron Calibration of an earlier range's pass; those layers skip
+    the calibration sample, so contiguous blocks of one job forward it once (extraction/blocks.py).
 
     Window indices and token positions are global (window * T + position), so profiles of disjoint
     ranges merge (extraction/shards.py). Batches are cut on the global grid of `batch_size` windows,
@@ -269,6 +280,10 @@ def _run_pass(
                                   table_device=tables, pseudo=pseudo)  # fmt: skip
 
     reducers = {l: build(l) for l in layers}
+    calibration = {l: c for l, c in (calibration or {}).items() if l in layers and "pseudo_neurons" in spec}
+    for layer, fixed in calibration.items():
+        reducers[layer].stats["pseudo_neurons"].calibration = fixed
+    uncalibrated = [l for l in layers if l not in calibration]
     probe = reducers[layers[0]]
     neuron_sites = {l: handle.site(f"blocks.{l}.{settings.site}") for l in layers} if probe.reads_neurons else {}
     input_sites = (
@@ -283,7 +298,7 @@ def _run_pass(
     # first, in the same chunks in every shard and pass (so every shard calibrates identically);
     # its windows in this pass's range count there, their pseudo-neuron batches held until the
     # calibration is fixed, so the sample costs no forward pass of its own in a one-worker pass.
-    sample = calibration_windows(n_windows, settings.pseudo_calibration_windows) if mlp_in_sites else []
+    sample = calibration_windows(n_windows, settings.pseudo_calibration_windows) if mlp_in_sites and uncalibrated else []
     sampled = set(sample)
     batches = [list(sample[i : i + bs]) for i in range(0, len(sample), bs)]
     batches += [  # the global grid of bs windows, clipped to the range, less the sample's windows
@@ -301,8 +316,8 @@ def _run_pass(
     sites = list(neuron_sites.values()) + list(input_sites.values()) + list(mlp_in_sites.values())
     last_report = started = time.monotonic()
     hinted = False
-    calibration_inputs = {l: [] for l in layers}  # [B * (T - skip), M] per sample batch
-    for layer in layers if sample else ():
+    calibration_inputs = {l: [] for l in uncalibrated}  # [B * (T - skip), M] per sample batch
+    for layer in uncalibrated if sample else ():
         reducers[layer].stats["pseudo_neurons"].defer_until_calibrated()
 
     def site(name: str, keep: torch.Tensor | None, width: int) -> torch.Tensor:
@@ -317,7 +332,7 @@ def _run_pass(
             in_range = [j for j, w in enumerate(rows) if w in window_range]  # all but sample windows elsewhere
             keep = None if len(in_range) == len(rows) else torch.tensor(in_range, dtype=torch.long, device=device)
             if i < n_sample_batches:
-                for layer in layers:
+                for layer in uncalibrated:
                     calibration_inputs[layer].append(site(mlp_in_sites[layer].name, None, d_model))
             if in_range:
                 window_idx = torch.tensor(rows, device=device)[in_range]  # [B'] global
@@ -332,7 +347,7 @@ def _run_pass(
                 bar.update(token_ids.numel())
                 tokens_done += token_ids.numel()
             if sample and i == n_sample_batches - 1:  # the whole sample seen: calibrate
-                for layer in layers:
+                for layer in uncalibrated:
                     reducers[layer].stats["pseudo_neurons"].calibrate(torch.cat(calibration_inputs.pop(layer)))
             if not hinted and (hint := long_pass_hint(time.monotonic() - started, tokens_done, tokens_total)):
                 log.info("%s", hint)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 
 COMPOSED_CONFIG = "config/composed.yaml"  # the resolved config of the job
 OVERRIDES = "config/overrides.yaml"  # the command-line overrides of the job
@@ -79,14 +80,16 @@ def card_path(layer: int | str, neuron: int) -> str:
     return f"{CARDS_DIR}/L{layer}_N{neuron}.html"
 
 
-def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> tuple[dict[str, float], dict[str, str]]:
+def log_layer_result(tracker, layer: int, result, headline: dict[str, str],
+                     companions: Mapping[str, str] | None = None) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
     """Write one layer's LayerResult; return its headline metrics (readable name -> value) and why
     those that are NaN are (readable name -> reason).
 
     `headline` maps each readable name to its key in `result.metrics`; those are logged as MLflow
     metrics, and the reason of each NaN one as a tag (`reason_tag`); all of `result.metrics` goes
     to the summary table, non-empty tables as Parquet and figures as PNG at the root. `tracker` is
-    a tracking.RunLogger.
+    a tracking.RunLogger. `companions` (readable name -> key) are logged as MLflow metrics too,
+    but neither returned nor given reasons (a headline's null value, excess and interval).
     """
     import math
 
@@ -94,7 +97,8 @@ def log_layer_result(tracker, layer: int, result, headline: dict[str, str]) -> t
 
     values = {name: float(result.metrics[key]) for name, key in headline.items() if key in result.metrics}
     reasons = {name: result.reasons.get(headline[name]) or NO_REASON for name, value in values.items() if math.isnan(value)}
-    tracker.log_metrics({layer_metric(layer, name): value for name, value in values.items()})
+    extra = {name: float(result.metrics[key]) for name, key in (companions or {}).items() if key in result.metrics}
+    tracker.log_metrics({layer_metric(layer, name): value for name, value in {**values, **extra}.items()})
     if reasons:
         tracker.set_tags({reason_tag(layer, name): reason for name, reason in reasons.items()})
     summary = pd.DataFrame({"metric": list(result.metrics), "value": [float(v) for v in result.metrics.values()]})

@@ -20,6 +20,7 @@ from intraneuron.analyses.neurons import NeuronsConfig
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
 from intraneuron.analyses.two_fold.geometry_null import MIN_NULL, SELECTIVITY_MATCH
+from intraneuron.analyses.two_fold.intervals import companion_metrics
 from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
 from intraneuron.analyses.two_fold.variants import VariantUnits, variant_keys, word_pool
@@ -66,6 +67,7 @@ class TwoFoldAnalysis(Analysis):
     }
 
     main_headline = "differentiated_frac"
+    companions = companion_metrics(headline)  # pseudo value, excess and intervals of the headlines
 
     # neurons-table columns a card selection ranks by (report.top_by); the first is the default:
     # how strongly the categories differ in activation
@@ -83,6 +85,8 @@ class TwoFoldAnalysis(Analysis):
         n_jobs: int = -1,
         min_pseudo_neurons: int = MIN_NULL,
         selectivity_match: int = SELECTIVITY_MATCH,
+        interval_blocks: int = 10,
+        interval_neurons: int = 64,
     ):
         self.homogeneity = homogeneity
         self.n_permutations = n_permutations
@@ -94,6 +98,8 @@ class TwoFoldAnalysis(Analysis):
         self.n_jobs = n_jobs
         self.min_pseudo_neurons = min_pseudo_neurons
         self.selectivity_match = selectivity_match
+        self.interval_blocks = interval_blocks
+        self.interval_neurons = interval_neurons
         # the per-neuron settings are checked where they are used, once, with their config keys
         TwoFoldNeuron(homogeneity=homogeneity, n_permutations=n_permutations,
                       max_permutations=max_permutations,
@@ -107,6 +113,10 @@ class TwoFoldAnalysis(Analysis):
         if not _integer(selectivity_match) or 0 < selectivity_match < min_pseudo_neurons or selectivity_match < 0:
             raise ConfigError("analysis.selectivity_match", selectivity_match,
                               f"0 (all pseudo-neurons) or an integer >= analysis.min_pseudo_neurons ({min_pseudo_neurons})")  # fmt: skip
+        if not _integer(interval_blocks) or interval_blocks < 0 or interval_blocks == 1:
+            raise ConfigError("analysis.interval_blocks", interval_blocks, "0 (no intervals) or an integer >= 2")
+        if not _integer(interval_neurons) or interval_neurons < 2:
+            raise ConfigError("analysis.interval_neurons", interval_neurons, "an integer >= 2")
 
     def requirements(self, run) -> Requirements:
         # Every statistic the two-fold analysis can read, whatever this run's options: one cached
@@ -118,10 +128,13 @@ class TwoFoldAnalysis(Analysis):
             stats.discard("input_token_types")
         if not run.extraction.pseudo_neurons:
             stats.discard("pseudo_neurons")
-        return Requirements(stats=frozenset(stats))
+        return Requirements(stats=frozenset(stats), blocks=self.interval_blocks)
 
     def check(self, run) -> None:
         run.groups["core_tokens"].check_against_top_k(run.extraction.top_k)
+        if self.interval_blocks and run.extraction.corpus_shards > 1:  # one job extracts every block
+            raise ConfigError("analysis.interval_blocks", self.interval_blocks,
+                              "0 with extraction.corpus_shards > 1 (corpus intervals need the whole corpus in one job)")  # fmt: skip
         if run.groups["embedding"].per_layer and run.extraction.input_site is None:
             raise ConfigError(
                 "embedding.source", "layer_input", "another source while extraction.input_site is null"
@@ -131,6 +144,9 @@ class TwoFoldAnalysis(Analysis):
         """The neuron settings, clusterer, filters, WordNet labels and (unless per layer) the
         vectors: everything that can fail on a missing file or checkpoint, before the pass."""
         groups = job.run.groups
+        if self.interval_blocks > (n_windows := int(job.windows.ids.shape[0])):
+            raise ConfigError("analysis.interval_blocks", self.interval_blocks,
+                              f"at most the corpus's {n_windows} windows, or 0 (no intervals)")  # fmt: skip
         clustering, segmentation = groups["clustering"], groups["segmentation"]
         self.neuron_ = TwoFoldNeuron(
             make_clusterer=clustering.factory() if clustering.categories == "clusterer" else None,
@@ -175,10 +191,29 @@ class TwoFoldAnalysis(Analysis):
             tables["pseudo_neurons"] = pseudo_tables["neurons"]
         metrics = self._layer_metrics(tables, labelled=self.label_ is not None)
         metrics["analysis_seconds"] = time.perf_counter() - started
+        if blocks := job.blocks.get(layer):
+            metrics.update(self._intervals(job, layer, blocks, tables, metrics))
         rows = tables["neurons"]
         for skipped in rows.loc[rows["skipped"] != "", ["neuron", "skipped"]].head(5).itertuples():
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
         return self._result(layer, tables, metrics)
+
+    def _intervals(self, job: Job, layer: int, blocks: list, tables: dict, metrics: dict) -> dict[str, float]:
+        """The headline fractions' corpus intervals (intervals.py) and what they cost."""
+        from intraneuron.analyses.two_fold.intervals import layer_intervals
+
+        started = time.perf_counter()
+
+        def analyse(profile, ids, pseudo):
+            label = f"{'pseudo-neurons' if pseudo else 'neurons'} layer {layer}, interval replicate"
+            return self._analyse(job, layer, profile, ids, pseudo=pseudo, progress_label=label)["neurons"]
+
+        found = layer_intervals(analyse, blocks, tables["neurons"], tables.get("pseudo_neurons"), metrics,
+                                n=self.interval_neurons, seed=self.seed, layer=layer, alpha=self.alpha,
+                                min_null=self.min_pseudo_neurons, match=self.selectivity_match)  # fmt: skip
+        found["intervals/blocks"] = float(len(blocks))
+        found["intervals/seconds"] = time.perf_counter() - started
+        return found
 
     def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
         """One layer from shard jobs over disjoint neuron sets: their per-neuron tables
