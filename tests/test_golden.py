@@ -3,7 +3,10 @@ stored in tests/golden/two_fold.json (written by the code at the commit recorded
 geometry-controlled defaults, cross-fitted core tokens, the gap statistic's K and the sequential
 top-segment p, with 16 pseudo-neurons per layer).
 
-Last regenerated, on purpose, for the calibrated geometry null (empirical p with a GPD tail, the
+Last regenerated, on purpose, for the corpus intervals: new metrics only (`*_ci_low`, `*_ci_high`;
+every value already in the file unchanged within 1e-6 relative, with the profile now the merge of
+ten corpus blocks and the pseudo-neurons' calibration folded into their read-in). Before that, for
+the calibrated geometry null (empirical p with a GPD tail, the
 null matched in selectivity, its self-calibration and the headlines' pseudo values and excesses:
 new metrics), surface variants merged into one core unit (fewer, pooled core tokens: the default
 case now analyses 1 neuron of layer 0 instead of 9) and the gap statistic's references drawn from
