@@ -91,7 +91,8 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
     for layer in rc.layers:
         profile = profiles.pop(layer)  # held for this layer only (a many-layer job's profiles are large)
         result = analysis.analyse_layer(job, layer, profile)
-        summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(tracker, layer, result, headline)
+        summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(
+            tracker, layer, result, headline, artifacts.figure_heading(rc, layer))
         layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()
@@ -99,7 +100,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
             cards += build_cards(job, analysis, layer, profile, neurons, rc.report)
             cards_seconds += time.perf_counter() - started
     for name, figure in analysis.run_figures(layer_metrics).items():
-        tracker.log_figure(figure, artifacts.run_figure_path(name))
+        artifacts.log_figure(tracker, figure, artifacts.run_figure_path(name), artifacts.figure_heading(rc, rc.layers))
     if cards:
         artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
         tracker.log_metrics({"cards_seconds": cards_seconds, "cards": len(cards)})
