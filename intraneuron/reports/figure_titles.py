@@ -13,9 +13,11 @@ would not be shown there side by side.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterable
 
 SEPARATOR = " · "
+CHARS_PER_INCH = 12  # of a suptitle at matplotlib's default size: where a title line is wrapped
 
 
 def heading(model: str, layers: int | Iterable[int], analysis: str, setting: str = "", neuron: int | None = None) -> str:
@@ -30,17 +32,20 @@ def heading(model: str, layers: int | Iterable[int], analysis: str, setting: str
 
 
 def stamp(fig, line: str):
-    """Put `line` above the figure's own title (its suptitle; a figure without one gets `line` alone)."""
+    """Put `line` above the figure's own title (its suptitle; a figure without one gets `line` alone),
+    wrapped to the figure's width; the PNG's Title metadata keeps it on one line."""
     if line:
         own = fig.get_suptitle()
-        fig.suptitle(f"{line}\n{own}" if own else line)
+        fig.intraneuron_title = f"{line}\n{own}" if own else line
+        wrapped = textwrap.fill(line, width=max(40, int(fig.get_figwidth() * CHARS_PER_INCH)))
+        fig.suptitle(f"{wrapped}\n{own}" if own else wrapped)
     return fig
 
 
 def png(fig) -> bytes:
     """The figure as PNG bytes (100 dpi), its title as the PNG's Title metadata."""
     buffer = io.BytesIO()
-    title = fig.get_suptitle()
+    title = getattr(fig, "intraneuron_title", None) or fig.get_suptitle()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Title": title} if title else None)
     return buffer.getvalue()
 
