@@ -259,11 +259,12 @@ def merge_group(client, target_id: str, members: list[ShardRun], *, allow_gaps: 
         tables = [download_layer_tables(client, m.run_id, layer) for m in shards]
         covered = check_coverage(layer, shards, tables, allow_gaps=allow_gaps)
         result = analysis.merge_layer(run_config, layer, tables)
-        values, reasons = artifacts.log_layer_result(tracker, layer, result, headline, analysis.companions)
+        values, reasons = artifacts.log_layer_result(tracker, layer, result, headline, analysis.companions,
+                                                     artifacts.figure_heading(run_config, layer))  # fmt: skip
         layer_metrics[layer] = result.metrics
         merged.append(MergedLayer(target_id, layer, [m.run_id for m in shards], covered, values, reasons))
     for name, figure in analysis.run_figures(layer_metrics).items():
-        tracker.log_figure(figure, artifacts.run_figure_path(name))
+        artifacts.log_figure(tracker, figure, artifacts.run_figure_path(name), artifacts.figure_heading(run_config, layers))
     # tagged once every layer is in: a run tagged merged holds the whole merge
     tracker.set_tags({MERGED_TAG: "true", MERGED_FROM_TAG: ",".join(m.run_id for m in members),
                       **artifacts.headline_tags(analysis)})  # fmt: skip

@@ -98,7 +98,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
         result = analysis.analyse_layer(job, layer, profile)
         job.blocks.pop(layer, None)
         summary.layers[layer], summary.reasons[layer] = artifacts.log_layer_result(
-            tracker, layer, result, headline, analysis.companions)
+            tracker, layer, result, headline, analysis.companions, artifacts.figure_heading(rc, layer))
         layer_metrics[layer] = result.metrics
         if rc.report.enabled:
             started = time.perf_counter()
@@ -106,7 +106,7 @@ def run(cfg: DictConfig, tracker: RunLogger) -> JobSummary:
             cards += build_cards(job, analysis, layer, profile, neurons, rc.report)
             cards_seconds += time.perf_counter() - started
     for name, figure in analysis.run_figures(layer_metrics).items():
-        tracker.log_figure(figure, artifacts.run_figure_path(name))
+        artifacts.log_figure(tracker, figure, artifacts.run_figure_path(name), artifacts.figure_heading(rc, rc.layers))
     if cards:
         artifacts.log_cards(tracker, cards, f"{rc.model.name}, layers {', '.join(map(str, rc.layers))}: neuron cards")
         tracker.log_metrics({"cards_seconds": cards_seconds, "cards": len(cards)})

@@ -243,6 +243,53 @@ def test_each_cards_figures_are_at_the_root_and_the_same_images(carded_run):
             assert base64.b64encode(png).decode() in page
 
 
+def test_every_figure_of_the_run_is_titled_with_model_layer_analysis_and_setting(carded_run):
+    """Layer figures (L<l>_<name>.png) and card figures (L<l>_N<n>_<name>.png) alike: the title's
+    first line, kept as the PNG's Title metadata, names where the figure comes from."""
+    from intraneuron.config import validate
+    from intraneuron.reports.figure_titles import png_title
+
+    _, _, out, cfg = carded_run
+    rc = validate(cfg)
+    setting = rc.analysis.setting(rc)
+    assert setting == "ward, K by silhouette, top 30 types"
+    figures = sorted(out.glob("L*.png"))
+    assert len(figures) > 20
+    for path in figures:
+        layer, neuron = re.match(r"L(\d+)(?:_N(\d+))?_", path.name).groups()
+        first = png_title(path.read_bytes()).splitlines()[0]
+        where = f"layer {layer} · neuron {neuron}" if neuron else f"layer {layer}"
+        assert first == f"tiny-gpt2 · {where} · two_fold · {setting}", path.name
+
+
+def test_a_card_shows_its_summary_density_output_tokens_and_lowest_contexts(carded_run):
+    """Against the run's own tables: the summary's p is the row's Kruskal-Wallis p; the promoted
+    and suppressed tokens are report.logit_tokens each, in order; the lowest contexts ascend."""
+    _, _, out, _ = carded_run
+    for (layer, neuron), page in card_pages(out).items():
+        row = pd.read_parquet(out / artifacts.table_path(layer, "neurons")).set_index("neuron").loc[neuron]
+        tags = assert_self_contained_and_inert(page)
+        text = "".join(tags.text)
+        (summary,) = re.findall(r'<p class="summary">(.*?)</p>', page)
+        if row["skipped"]:
+            assert summary.startswith("skipped: ")
+        elif row["topdown_skipped"]:
+            assert summary.startswith("no categories: ")
+        else:
+            assert summary.startswith(f"{int(row['n_categories'])} categories; top: ")
+            assert summary.endswith(f"differentiated p={row['kruskal_p']:.2g} (Kruskal-Wallis, epsilon2 {row['epsilon2']:.2f})")
+        assert re.search(r"Active \(&gt; 0\) on <b>\d+\.\d% of 8,\d{3} tokens</b>", page)
+        assert "Core tokens are token types ranked by their mean activation" in text
+        logits = [float(a["data-logit"]) for n, a in tags.tags if n == "span" and a.get("class") == "logit"]
+        promoted, suppressed = logits[:10], logits[10:]
+        assert len(suppressed) == 10 and promoted == sorted(promoted, reverse=True) and suppressed == sorted(suppressed)
+        assert promoted[-1] > suppressed[-1]
+        lowest = page[page.index('<section id="lowest">'):]
+        values = [float(v) for v in re.findall(r'<div class="context"><span class="act">([-\d.]+)</span>', lowest)]
+        assert len(values) == 4 and values == sorted(values)
+        assert "lowest-mean token types; the corpus minimum is" in lowest
+
+
 def test_show_neuron_rebuilds_the_card_the_run_logged(carded_run, tmp_path):
     """The card rebuilt from the run's config (what `show --neuron` does for a neuron the run did
     not card) is byte for byte the one the run logged: same tokens, contexts, statistics, figures."""

@@ -160,9 +160,29 @@ def test_each_child_has_its_figures_at_the_artifact_root(server, sweep):
         assert root.get(f"layer_{LAYER}", {}).get("is_dir")  # the tables stay in the layer's folder
 
 
+# The card the UI's artifact view shows in its (sandboxed) iframe: the page behind the frame's blob
+# URL, fetched by the UI's own page and parsed by the browser; its promoted and suppressed tokens.
+SERVED_CARD = """(() => {
+  const frame = document.querySelector('iframe.mlflow-html-iframe');
+  if (!frame || !frame.src) return null;
+  if (window.__card === undefined) {
+    window.__card = null;
+    fetch(frame.src).then(r => r.text()).then(t => { window.__card = t; });
+  }
+  if (!window.__card) return null;
+  const doc = new DOMParser().parseFromString(window.__card, 'text/html');
+  const values = side => [...doc.querySelectorAll(`#logits .${side} span.logit`)].map(e => Number(e.dataset.logit));
+  return {heading: doc.querySelector('#logits h2').firstChild.textContent.trim(),
+          promoted: values('promoted'), suppressed: values('suppressed'),
+          texts: [...doc.querySelectorAll('#logits span.logit')].map(e => e.textContent.trim()),
+          lowest: doc.querySelectorAll('#lowest .context').length};
+})()"""
+
+
 def test_each_child_serves_its_neuron_cards_and_their_figures(server, sweep):
     """The default report: 3 top + 2 random neurons of the layer, each with a card under cards/
-    linked from cards/index.html and its own figures at the root."""
+    linked from cards/index.html and its own figures at the root; in headless Chromium, the UI's
+    artifact view of a card shows the tokens the neuron's output promotes and suppresses."""
     _, _, children = sweep
     for child in children:
         run_id = child["info"]["run_id"]
@@ -176,6 +196,20 @@ def test_each_child_serves_its_neuron_cards_and_their_figures(server, sweep):
             neuron = page.removeprefix(f"cards/L{LAYER}_N").removesuffix(".html")
             assert f"L{LAYER}_N{neuron}_activation_by_category.png" in root
         assert server.download(run_id, pages[0]).startswith(b"<!DOCTYPE html>")
+    if browser.find_chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("no chromium on PATH: scripts/setup.sh should have installed Debian's chromium")
+        pytest.skip("chromium is not installed (scripts/setup.sh installs it)")
+    # the UI's artifact view of a card: the page its iframe shows, parsed by the browser
+    child = children[0]
+    page = sorted(p for p in server.artifacts(child["info"]["run_id"], "cards") if "_N" in p)[0]
+    link = (f"{server.url}/#/experiments/{child['info']['experiment_id']}/runs/{child['info']['run_id']}"
+            f"/artifacts/{page}")  # fmt: skip
+    shown = browser.evaluate(link, SERVED_CARD, size=(1400, 900), timeout=240)
+    assert shown["heading"].startswith("Output: tokens it promotes and suppresses")
+    assert len(shown["promoted"]) == len(shown["suppressed"]) == 10
+    assert shown["promoted"] == sorted(shown["promoted"], reverse=True) and shown["suppressed"] == sorted(shown["suppressed"])
+    assert all(shown["texts"]) and shown["lowest"] == 4
 
 
 def test_each_child_logs_exactly_its_declared_headline_metrics(sweep):

@@ -285,6 +285,8 @@ CASES = [
     case("report-neurons-not-ints", "report.neurons=[a]", key="report.neurons"),
     case("report-neuron-beyond-width", "report.neurons=[200]", "model.source={models}/gpt2", key="report.neurons"),
     case("report-unknown-key", "+report.colour=red", key="report.colour"),
+    case("report-lowest-contexts-negative", "report.lowest_contexts=-1", key="report.lowest_contexts"),
+    case("report-logit-tokens-negative", "report.logit_tokens=-5", key="report.logit_tokens"),
     # tracking: the store is checked before a run is created, so none is
     case("tracking-file-store", "tracking.tracking_uri=mlruns", key="tracking.tracking_uri", run=None),
     case("tracking-sqlite-in-proc", "tracking.tracking_uri=sqlite:////proc/x/m.db", key="tracking.tracking_uri",

@@ -81,6 +81,10 @@ class NeuronView:
     token_groups: dict[str, list[tuple[str, float]]]
     figures: dict[str, Any] = field(default_factory=dict)  # name -> matplotlib figure (L<l>_N<n>_<name>.png)
     note: str = ""  # how the groups were made, one sentence
+    # one line on the groups ("3 categories; top: ... vs ...; differentiated p=..."); "": the card
+    # writes one from the groups (reports.cards.category_summary)
+    summary: str = ""
+    contrast: str = ""  # why these tokens differ from the top contexts (what each is), a sentence
 
 
 @dataclass
@@ -168,6 +172,11 @@ class Analysis(ABC, BaseEstimator):
         logged at the root as <name>.png; none by default."""
         return {}
 
+    def setting(self, run: RunConfig) -> str:
+        """The key setting of this run, a few words for figure titles ("ward, K by gap, top 100
+        types"); none by default."""
+        return ""
+
     def missing_reason(self, row: Mapping[str, Any], column: str) -> str:
         """Why `column` of a neuron's row of the neurons table is NaN (its card says so); "" when
         the analysis cannot say, as by default."""
@@ -185,4 +194,7 @@ class Analysis(ABC, BaseEstimator):
             if value == value and token not in best:  # NaN: fewer occurrences than k
                 best[token] = value
         tokens = [(job.token_texts[t], v) for t, v in best.items()]
-        return NeuronView({"top activating tokens": tokens}, note="distinct tokens of its top-k occurrences")
+        contrast = ("These are the distinct tokens of its top-k occurrences, each at its highest activation: "
+                    "the top contexts below are the highest of the same occurrences, one by one.")  # fmt: skip
+        return NeuronView({"top activating tokens": tokens}, note="distinct tokens of its top-k occurrences",
+                          contrast=contrast)  # fmt: skip

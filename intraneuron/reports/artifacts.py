@@ -7,7 +7,8 @@ tracking layer imports it at start-up.
 Per layer, a run logs as MLflow metrics only its analysis's headline metrics (`L<l>/<name>`, about
 ten, named to be read without the README), so the runs table and Compare show what matters; every
 other layer aggregate goes to the layer's `summary` table. Figures sit at the artifact root
-(`L<l>_<name>.png`), where MLflow's Compare view shows them side by side across runs.
+(`L<l>_<name>.png`), where MLflow's Compare view shows them side by side across runs, each titled
+with the model, layer, analysis and key setting that drew it (`figure_titles`).
 """
 
 from __future__ import annotations
@@ -80,16 +81,31 @@ def card_path(layer: int | str, neuron: int) -> str:
     return f"{CARDS_DIR}/L{layer}_N{neuron}.html"
 
 
-def log_layer_result(tracker, layer: int, result, headline: dict[str, str],
-                     companions: Mapping[str, str] | None = None) -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
+def figure_heading(run, layers, neuron: int | None = None) -> str:
+    """The title line of a run's figures (figure_titles.heading); `run`: the job's RunConfig."""
+    from intraneuron.reports.figure_titles import heading
+
+    return heading(run.model.name, layers, run.analysis.name, run.analysis.setting(run), neuron)
+
+
+def log_figure(tracker, fig, artifact_path: str, heading: str = "") -> None:
+    """A matplotlib figure as PNG, `heading` above its own title and the title in its metadata."""
+    from intraneuron.reports.figure_titles import png, stamp
+
+    tracker.log_bytes(png(stamp(fig, heading)), artifact_path)
+
+
+def log_layer_result(tracker, layer: int, result, headline: dict[str, str], companions: Mapping[str, str] | None = None,
+                     heading: str = "") -> tuple[dict[str, float], dict[str, str]]:  # fmt: skip
     """Write one layer's LayerResult; return its headline metrics (readable name -> value) and why
     those that are NaN are (readable name -> reason).
 
     `headline` maps each readable name to its key in `result.metrics`; those are logged as MLflow
     metrics, and the reason of each NaN one as a tag (`reason_tag`); all of `result.metrics` goes
-    to the summary table, non-empty tables as Parquet and figures as PNG at the root. `tracker` is
-    a tracking.RunLogger. `companions` (readable name -> key) are logged as MLflow metrics too,
-    but neither returned nor given reasons (a headline's null value, excess and interval).
+    to the summary table, non-empty tables as Parquet and figures as PNG at the root, titled with
+    `heading` (`figure_heading`). `tracker` is a tracking.RunLogger. `companions` (readable name ->
+    key) are logged as MLflow metrics too, but neither returned nor given reasons (a headline's null
+    value, excess and interval).
     """
     import math
 
@@ -112,7 +128,7 @@ def log_layer_result(tracker, layer: int, result, headline: dict[str, str],
 
             tracker.log_text(render_table(tables[name], f"Layer {layer}: {name}"), table_html_path(layer, name))
     for name, figure in result.figures.items():
-        tracker.log_figure(figure, figure_path(layer, name))
+        log_figure(tracker, figure, figure_path(layer, name), heading)
     return values, reasons
 
 

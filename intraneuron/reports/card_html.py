@@ -80,16 +80,7 @@ def render_card(card: NeuronCard, index_href: str | None = "index.html") -> str:
         }
         for title, tokens in card.token_groups.items()
     ]
-    contexts = [
-        {
-            "activation": context.activation,
-            "tokens": [
-                {"text": shown(text), "act": act, "colour": shade(act, scale), "focus": i == context.focus}
-                for i, (text, act) in enumerate(zip(context.tokens, context.acts, strict=True))
-            ],
-        }
-        for context in card.contexts
-    ]
+    contexts, lowest = _contexts(card.contexts, scale), _contexts(card.lowest, scale)
     bounds = {f"{name}_{end}" for name in card.stats for end in ("lo", "hi")
               if f"{name}_lo" in card.stats and f"{name}_hi" in card.stats}  # fmt: skip
     key = [(name, stat_text(card, name)) for name in card.key_stats if name in card.stats]
@@ -105,11 +96,48 @@ def render_card(card: NeuronCard, index_href: str | None = "index.html") -> str:
         "n_tokens": sum(len(g["tokens"]) for g in groups),
         "scale": scale,
         "note": card.note,
+        "summary": card.summary,
+        "contrast": card.contrast,
+        "density": density_text(card.density, card.n_tokens),
+        "logits": _logits(card),
+        "logits_note": card.logits_note,
         "groups": groups,
         "contexts": contexts,
+        "lowest": lowest,
+        "lowest_note": card.lowest_note,
         "figures": [(name, png_uri(png)) for name, png in card.figures.items()],
     }
     return _environment().get_template("card.html").render(card=view, index_href=index_href)
+
+
+def density_text(density: float, n_tokens: int) -> str:
+    """"12.3% of 1,234,567 tokens" ("" when the pass kept no moments)."""
+    if not math.isfinite(density):
+        return ""
+    return f"{density:.1%} of {n_tokens:,} tokens"
+
+
+def _contexts(contexts, scale: float) -> list[dict]:
+    return [
+        {
+            "activation": context.activation,
+            "tokens": [
+                {"text": shown(text), "act": act, "colour": shade(act, scale), "focus": i == context.focus}
+                for i, (text, act) in enumerate(zip(context.tokens, context.acts, strict=True))
+            ],
+        }
+        for context in contexts
+    ]
+
+
+def _logits(card: NeuronCard) -> dict[str, list[dict]] | None:
+    """Promoted and suppressed tokens, shaded by their logit change relative to the largest."""
+    if card.logits is None:
+        return None
+    pairs = {"promoted": card.logits.promoted, "suppressed": card.logits.suppressed}
+    scale = max((abs(v) for tokens in pairs.values() for _, v in tokens), default=1.0) or 1.0
+    return {side: [{"text": shown(t), "value": v, "colour": shade(v, scale)} for t, v in tokens]
+            for side, tokens in pairs.items()}  # fmt: skip
 
 
 def render_index(cards: list[NeuronCard], title: str, subtitle: str, tables: list[tuple[int, str]]) -> str:

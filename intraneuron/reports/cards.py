@@ -1,34 +1,28 @@
 """Neuron cards: which neurons of a layer get one (`report` group) and what each card holds.
 
 A card puts together what the analysis sees of the neuron (`Analysis.neuron_view`: its tokens by
-category and its figures), the neuron's row of the layer's neurons table, its activation histogram
-from the streaming pass and its top activating contexts, every token shaded by the neuron's
-activation. The profile keeps only the top-k (position, value) pairs, so the shading comes from
-re-running the model on the handful of windows shown (`extraction.contexts`).
+category, a one-line summary of them, why they differ from the top contexts, its figures), the
+neuron's row of the layer's neurons table, its activation density and histogram from the streaming
+pass, the tokens its output promotes and suppresses through the unembedding (`logit_tokens`), and
+its top and lowest activating contexts, every token shaded by the neuron's activation
+(`reports.contexts`: the model is re-run on the handful of windows shown).
 """
 
 from __future__ import annotations
 
-import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from intraneuron.reports.contexts import Context, card_contexts
+from intraneuron.reports.figure_titles import heading, png, stamp
+from intraneuron.reports.logit_tokens import LogitTokens, logit_tokens
+
+__all__ = ["Context", "NeuronCard", "build_cards", "category_summary", "select_neurons"]
 HISTOGRAM_FIGURE = "histogram"
-
-
-@dataclass
-class Context:
-    """One top activating occurrence with the tokens around it."""
-
-    activation: float  # the neuron's activation at the occurrence (the profile's top-k value)
-    window: int
-    position: int  # in the window
-    tokens: list[str]  # text of the tokens shown
-    acts: list[float]  # the neuron's activation at each of them
-    focus: int  # index in `tokens` of the occurrence
 
 
 @dataclass
@@ -45,6 +39,14 @@ class NeuronCard:
     scale: float  # activation that gets full shading: the neuron's top activation
     figures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG, the analysis's then the histogram
     missing: dict[str, str] = field(default_factory=dict)  # stat -> why it is NaN (Analysis.missing_reason)
+    summary: str = ""  # one line on its token groups (category_summary)
+    contrast: str = ""  # why its tokens differ from its top contexts
+    density: float = math.nan  # share of the corpus's tokens where its activation is > 0
+    n_tokens: int = 0  # tokens of the corpus
+    logits: LogitTokens | None = None  # what its output promotes and suppresses
+    logits_note: str = ""  # why there are none, when there are none
+    lowest: list[Context] = field(default_factory=list)  # its lowest activating contexts
+    lowest_note: str = ""  # how they were searched
 
 
 def select_neurons(table: pd.DataFrame, report, ranking: str | None, seed: tuple[int, ...] = ()) -> dict[int, str]:
@@ -69,40 +71,7 @@ def select_neurons(table: pd.DataFrame, report, ranking: str | None, seed: tuple
     return chosen
 
 
-def top_contexts(job, layer: int, profile, neurons: list[int], n_contexts: int, width: int) -> dict[int, list[Context]]:
-    """Each neuron's `n_contexts` top occurrences with `width` tokens either side, from one
-    re-run of the model over the union of their windows."""
-    from intraneuron.extraction.contexts import window_activations
-
-    if not neurons or n_contexts == 0 or "topk_values" not in profile.tensors:
-        return {n: [] for n in neurons}
-    values = profile.numpy("topk_values")[neurons, :n_contexts]  # [m, c]
-    window, position = (a[neurons, :n_contexts] for a in profile.topk_window_and_pos())  # [m, c] each
-    finite = np.isfinite(values)  # fewer occurrences than k in the corpus leave NaN
-    needed = np.unique(window[finite])  # [w]
-    ids = np.asarray(job.windows.ids[needed], dtype=np.int64)  # [w, T]
-    extraction = job.run.extraction
-    acts = window_activations(job.handle, ids, layer, extraction.site, np.asarray(neurons),
-                              device=extraction.device, batch_size=extraction.batch_size)  # [w, T, m] fmt: skip
-    row_of = {int(w): i for i, w in enumerate(needed)}
-    texts, T = job.token_texts, ids.shape[1]
-    out: dict[int, list[Context]] = {}
-    for j, neuron in enumerate(neurons):
-        contexts = []
-        for r in np.flatnonzero(finite[j]):
-            w, p = int(window[j, r]), int(position[j, r])
-            lo, hi = max(0, p - width), min(T, p + width + 1)
-            i = row_of[w]
-            contexts.append(Context(
-                activation=float(values[j, r]), window=w, position=p,
-                tokens=[texts[t] for t in ids[i, lo:hi]], acts=acts[i, lo:hi, j].astype(float).tolist(),
-                focus=p - lo,
-            ))  # fmt: skip
-        out[neuron] = contexts
-    return out
-
-
-def histogram_png(profile, neuron: int, layer: int) -> bytes | None:
+def histogram_figure(profile, neuron: int):
     """The neuron's activation histogram over the corpus (log counts), from the streaming pass."""
     if "hist_counts" not in profile.tensors:
         return None
@@ -118,14 +87,26 @@ def histogram_png(profile, neuron: int, layer: int) -> bytes | None:
     ax.stairs(inner[lo:hi], edges[lo : hi + 1], fill=True, color="#555")
     ax.set_yscale("log")
     outside = f"; {int(counts[0])} below, {int(counts[-1])} above the range" if counts[0] or counts[-1] else ""
-    ax.set(xlabel="activation", ylabel="tokens", title=f"L{layer} N{neuron}: {int(counts.sum())} tokens{outside}")
-    return figure_png(fig)
+    fig.suptitle(f"activation histogram: {int(counts.sum())} tokens{outside}")
+    ax.set(xlabel="activation", ylabel="tokens")
+    return fig
 
 
-def figure_png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+def category_summary(groups: dict[str, list[tuple[str, float]]], test: str = "") -> str:
+    """One line on token groups: "3 categories; top: 'a' (12 tokens, mean 4.1) vs 'c' (5 tokens,
+    mean 1.2); <test>" (the highest and lowest group by mean activation)."""
+    means = {title: float(np.mean([a for _, a in tokens])) for title, tokens in groups.items() if tokens}
+    if not means:
+        return "no tokens"
+    ranked = sorted(means, key=lambda title: -means[title])
+
+    def group(title: str) -> str:
+        return f"'{title}' ({len(groups[title])} tokens, mean {means[title]:.3g})"
+
+    kind = "categories" if len(ranked) > 1 else "group"
+    line = f"{len(ranked)} {kind}; " + (f"top: {group(ranked[0])} vs {group(ranked[-1])}" if len(ranked) > 1
+                                      else group(ranked[0]))  # fmt: skip
+    return f"{line}; {test}" if test else line
 
 
 def _figure():
@@ -144,26 +125,35 @@ def build_cards(job, analysis, layer: int, profile, neurons_table: pd.DataFrame 
         neurons_table = pd.DataFrame({"neuron": np.arange(profile.d_mlp)})
     ranking = report.ranking(analysis.rank_by)
     selected = select_neurons(neurons_table, report, ranking, seed=(layer,))
-    contexts = top_contexts(job, layer, profile, list(selected), report.contexts, report.context_tokens)
+    contexts = card_contexts(job, layer, profile, list(selected), report)
+    logits, logits_note = logit_tokens(job.handle, layer, list(selected), job.token_texts, report.logit_tokens)
     rows = neurons_table.set_index("neuron", drop=False) if "neuron" in neurons_table else pd.DataFrame()
     top = profile.numpy("topk_values")[:, 0] if "topk_values" in profile.tensors else None  # [D]
+    positive = profile.numpy("act_frac_positive") if "act_frac_positive" in profile.tensors else None  # [D]
+    setting = analysis.setting(job.run)
     cards = []
     for neuron, reason in selected.items():
         view = analysis.neuron_view(job, layer, profile, neuron)
-        figures = {name: figure_png(fig) for name, fig in view.figures.items()}
-        histogram = histogram_png(profile, neuron, layer)
+        figures = dict(view.figures)
+        histogram = histogram_figure(profile, neuron)
         if histogram is not None:
             figures[HISTOGRAM_FIGURE] = histogram
+        line = heading(job.run.model.name, layer, analysis.name, setting, neuron)
+        figures = {name: png(stamp(fig, line)) for name, fig in figures.items()}
         stats = rows.loc[neuron].to_dict() if neuron in rows.index else {}
         missing = {name: analysis.missing_reason(stats, name) for name, value in stats.items() if _is_nan(value)}
         key_stats = list(dict.fromkeys(c for c in (ranking, *analysis.rank_by) if c)) if stats else []
         scale = float(top[neuron]) if top is not None and np.isfinite(top[neuron]) else _max_abs(view.token_groups)
         cards.append(NeuronCard(
             layer=layer, neuron=neuron, reason=reason,
-            subtitle=f"{job.run.model.name} · analysis {analysis.name}",
+            subtitle=f"{job.run.model.name} · analysis {analysis.name}" + (f" · {setting}" if setting else ""),
             stats=stats, key_stats=key_stats,
-            token_groups=view.token_groups, note=view.note, contexts=contexts[neuron],
+            token_groups=view.token_groups, note=view.note, contexts=contexts.top[neuron],
             scale=abs(scale) or 1.0, figures=figures, missing={k: why for k, why in missing.items() if why},
+            summary=view.summary or category_summary(view.token_groups), contrast=view.contrast,
+            density=float(positive[neuron]) if positive is not None else math.nan, n_tokens=profile.n_tokens,
+            logits=logits.get(neuron), logits_note=logits_note,
+            lowest=contexts.lowest.get(neuron, []), lowest_note=contexts.lowest_note.get(neuron, ""),
         ))  # fmt: skip
     return cards
 

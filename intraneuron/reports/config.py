@@ -22,9 +22,11 @@ class ReportConfig:
     seed: int = 0
     contexts: int = 8  # top activating contexts per card (<= extraction.top_k)
     context_tokens: int = 16  # tokens shown either side of each occurrence
+    lowest_contexts: int = 4  # lowest activating contexts per card (searched: reports/contexts.py)
+    logit_tokens: int = 10  # tokens its output promotes, and as many it suppresses (reports/logit_tokens.py)
 
     def validate(self) -> None:
-        for key in ("top", "random", "contexts", "context_tokens"):
+        for key in ("top", "random", "contexts", "context_tokens", "lowest_contexts", "logit_tokens"):
             value = getattr(self, key)
             if value < 0:
                 raise ConfigError(f"report.{key}", value, "an integer >= 0")

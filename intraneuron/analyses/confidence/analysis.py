@@ -109,6 +109,9 @@ class ConfidenceAnalysis(Analysis):
         # topk and histogram serve the cards; the ablations run their own passes (write hooks)
         return Requirements(stats=frozenset({"topk", "histogram", "moments"}), passes="intervene")
 
+    def setting(self, run) -> str:
+        return f"{'processed' if self.processed else 'raw'} weights, candidates by {self.selection}"
+
     def check(self, run) -> None:
         if self.skip_first >= run.corpus.window_len - 1:
             raise ConfigError("analysis.skip_first", self.skip_first, f"< corpus.window_len - 1 = {run.corpus.window_len - 1}")

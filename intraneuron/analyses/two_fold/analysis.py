@@ -338,19 +338,25 @@ class TwoFoldAnalysis(Analysis):
             self.layer_vectors_ = (layer, job.run.groups["embedding"].build(job.handle, profile))
         return self.layer_vectors_[1]
 
+    def setting(self, run) -> str:
+        return f"{run.groups['clustering'].label()}, {run.groups['core_tokens'].label()}"
+
     def neuron_view(self, job: Job, layer: int, profile, neuron: int) -> NeuronView:
         """The neuron's core tokens by category (as its row of the tables was computed: same
         tokens, vectors, categories and seed) and its activation-by-category, homogeneity-by-segment
         and 2-D projection figures."""
         from intraneuron.analyses.two_fold.geometry import project_out
         from intraneuron.analyses.two_fold.neuron_figures import neuron_figures
+        from intraneuron.reports.cards import category_summary
 
         groups, units = job.run.groups, self._units(profile)
+        contrast = groups["core_tokens"].versus_contexts()
         core = groups["core_tokens"].select(profile, np.array([neuron]), self.keep_, units)[0]
         embed, decode = self._unit_embed_decode(job, units, self._vectors(job, layer, profile))
         if core.skipped:
             tokens = list(zip(decode(core.token_ids), core.acts.tolist(), strict=True))
-            return NeuronView({"core tokens": tokens}, note=core.skipped)
+            return NeuronView({"core tokens": tokens}, note=core.skipped, summary=f"skipped: {core.skipped}",
+                              contrast=contrast)  # fmt: skip
         X, valid = embed(core.token_ids)
         ids, acts, X = core.token_ids[valid], core.acts[valid], X[valid]
         texts = dict(zip(ids.tolist(), decode(ids), strict=True))
@@ -360,7 +366,8 @@ class TwoFoldAnalysis(Analysis):
         result = self.neuron_.analyse(acts, X, labels, seed=(self.seed, layer, neuron))
         if result.token_labels is None:  # skipped: too few core tokens
             tokens = [(texts[i], float(a)) for i, a in zip(ids, acts, strict=True)]
-            return NeuronView({"core tokens": tokens}, note=str(result.row["skipped"]))
+            skipped = str(result.row["skipped"])
+            return NeuronView({"core tokens": tokens}, note=skipped, summary=f"skipped: {skipped}", contrast=contrast)
         names = self._category_names(result.token_labels)
         by_mean = sorted(names, key=lambda c: (c < 0, -acts[result.token_labels == c].mean()))
         token_groups = {}
@@ -371,7 +378,12 @@ class TwoFoldAnalysis(Analysis):
         how = "WordNet supersenses" if self.label_ is not None else f"clusters of {groups['embedding'].source} vectors"
         note = f"core tokens ({groups['core_tokens'].rule}) grouped by {how}, categories by mean activation"
         figures = neuron_figures(acts, X, result, layer, neuron, category_names=names, alpha=self.alpha)
-        return NeuronView(token_groups, figures, note)
+        row = result.row
+        categories = {t: g for c, t in names.items() if c >= 0 and (g := token_groups.get(t))}
+        summary = (category_summary(categories, f"differentiated p={row['kruskal_p']:.2g} (Kruskal-Wallis, "
+                                                f"epsilon2 {row['epsilon2']:.2f})")
+                   if row.get("topdown_skipped", "") == "" else f"no categories: {row['topdown_skipped']}")  # fmt: skip
+        return NeuronView(token_groups, figures, note, summary=summary, contrast=contrast)
 
     def _category_names(self, labels: np.ndarray) -> dict[int, str]:
         names = {}

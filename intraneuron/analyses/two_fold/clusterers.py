@@ -221,6 +221,15 @@ class ClusteringConfig:
                 "clustering.estimator", self.estimator, f"null when clustering.categories={self.categories!r}"
             )
 
+    def label(self) -> str:
+        """A few words for figure titles: "ward, K by gap", "KMeans, K = 3", "WordNet supersenses"."""
+        if self.categories == "wordnet":
+            return "WordNet supersenses"
+        estimator = dict(self.estimator or {})
+        name = estimator.get("linkage") or str(estimator.get("_target_", "?")).rsplit(".", 1)[-1]
+        k = f"K = {self.n_categories}" if self.n_categories is not None else f"K by {self.k_choice}"
+        return f"{name}, {k}"
+
     def factory(self) -> ClustererFactory:
         """k -> estimator, from `estimator` (any `_target_` class with fit_predict)."""
         if not isinstance(self.estimator, Mapping) or "_target_" not in self.estimator:

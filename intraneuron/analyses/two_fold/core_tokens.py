@@ -215,6 +215,23 @@ class CoreTokensConfig:
         if self.pool not in POOLS:
             raise ConfigError("core_tokens.pool", self.pool, POOLS)
 
+    def label(self) -> str:
+        """A few words for figure titles: "top 100 types", "tau 0.5 types", "top 100 occurrences"."""
+        rule = {"top_n": f"top {self.n}", "fraction_of_max": f"tau {self.tau:g}", "quantile": f"q {self.q:g}",
+                "positive": "positive"}[self.rule]  # fmt: skip
+        return f"{rule} {self.unit}s"
+
+    def versus_contexts(self) -> str:
+        """Why a card's core tokens differ from its top contexts, one sentence."""
+        if self.unit == "occurrence":
+            return ("Core tokens are its top occurrences with the repeats of a token type merged into their mean; "
+                    "the top contexts are the highest of those occurrences one by one.")  # fmt: skip
+        halves = " (chosen on one half of the corpus, valued on the other)" if self.cross_fit else ""
+        return (f"Core tokens are token types ranked by their mean activation over all their occurrences{halves}; "
+                "the top contexts are single occurrences, so a type that peaks once but is low on average is a "
+                "top context and not a core token, and a type that is high on average is a core token "
+                "without needing a top context.")  # fmt: skip
+
     def check_against_top_k(self, top_k: int) -> None:
         """unit=occurrence draws from the extraction's top-k occurrences: it cannot ask for more."""
         if self.unit != "occurrence":

@@ -94,6 +94,9 @@ class UniversalAnalysis(Analysis):
     def requirements(self, run) -> Requirements:
         return Requirements(stats=frozenset({"moments", "histogram", "topk"}), n_models=1 + len(run.models.others))
 
+    def setting(self, run) -> str:
+        return f"vs {len(run.models.others)} models, {self.baseline} baseline, threshold {self.threshold:g}"
+
     def check(self, run) -> None:
         if not run.models.others:
             raise ConfigError("models.others", [], "at least one model to compare with `model` "
