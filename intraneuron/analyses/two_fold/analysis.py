@@ -20,7 +20,7 @@ from intraneuron.analyses.neurons import NeuronsConfig
 from intraneuron.analyses.two_fold.clustering import ClusteringConfig
 from intraneuron.analyses.two_fold.core_tokens import CoreTokensConfig
 from intraneuron.analyses.two_fold.geometry_null import MIN_NULL, SELECTIVITY_MATCH
-from intraneuron.analyses.two_fold.intervals import companion_metrics
+from intraneuron.analyses.two_fold.intervals import companion_metrics, timed_layer_intervals
 from intraneuron.analyses.two_fold.neuron import TwoFoldNeuron
 from intraneuron.analyses.two_fold.segmentation import SegmentationConfig
 from intraneuron.analyses.two_fold.variants import VariantUnits, variant_keys, word_pool
@@ -200,20 +200,13 @@ class TwoFoldAnalysis(Analysis):
 
     def _intervals(self, job: Job, layer: int, blocks: list, tables: dict, metrics: dict) -> dict[str, float]:
         """The headline fractions' corpus intervals (intervals.py) and what they cost."""
-        from intraneuron.analyses.two_fold.intervals import layer_intervals
-
-        started = time.perf_counter()
-
         def analyse(profile, ids, pseudo):
             label = f"{'pseudo-neurons' if pseudo else 'neurons'} layer {layer}, interval replicate"
             return self._analyse(job, layer, profile, ids, pseudo=pseudo, progress_label=label)["neurons"]
 
-        found = layer_intervals(analyse, blocks, tables["neurons"], tables.get("pseudo_neurons"), metrics,
-                                n=self.interval_neurons, seed=self.seed, layer=layer, alpha=self.alpha,
-                                min_null=self.min_pseudo_neurons, match=self.selectivity_match)  # fmt: skip
-        found["intervals/blocks"] = float(len(blocks))
-        found["intervals/seconds"] = time.perf_counter() - started
-        return found
+        return timed_layer_intervals(analyse, blocks, tables["neurons"], tables.get("pseudo_neurons"), metrics,
+                                     n=self.interval_neurons, seed=self.seed, layer=layer, alpha=self.alpha,
+                                     min_null=self.min_pseudo_neurons, match=self.selectivity_match)  # fmt: skip
 
     def merge_layer(self, run, layer: int, shards: list[dict[str, pd.DataFrame]]) -> LayerResult:
         """One layer from shard jobs over disjoint neuron sets: their per-neuron tables

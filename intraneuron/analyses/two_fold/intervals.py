@@ -24,6 +24,7 @@ real fraction, which is not in its interval.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -133,6 +134,15 @@ def layer_intervals(
         for k, part in ((key, "value"), (pseudo_key, "pseudo"), (excess_key, "excess")):
             out[f"{k}_ci_low"], out[f"{k}_ci_high"] = found[part]
     return out
+
+
+def timed_layer_intervals(analyse: Analyse, blocks: list, *args, **kwargs) -> dict[str, float]:
+    """layer_intervals, plus how many blocks it used and its seconds (`intervals/blocks`, `/seconds`)."""
+    started = time.perf_counter()
+    found = layer_intervals(analyse, blocks, *args, **kwargs)
+    found["intervals/blocks"] = float(len(blocks))
+    found["intervals/seconds"] = time.perf_counter() - started
+    return found
 
 
 def _replicates(rows, key, p, threshold, reps, value) -> FractionReplicates:
