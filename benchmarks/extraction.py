@@ -52,10 +52,16 @@ FIVE_STATS = ("topk", "token_types", "moments", "histogram", "input_token_types"
 
 
 def main_job_settings(**overrides) -> ExtractionConfig:
-    """conf/extraction/default.yaml, as the main job composes it."""
+    """conf/extraction/default.yaml, as the main job composes it (read from the file, so the benchmark
+    follows the defaults: 2,048 pseudo-neurons since the calibrated geometry null), on the CPU."""
+    from omegaconf import OmegaConf
+
+    from intraneuron.paths import CONF_DIR
+
     fields = {f.name for f in dataclasses.fields(ExtractionConfig)}
-    settings = dict(input_site="hook_resid_mid", skip_first_positions=1, pseudo_neurons=256, track_type_max=False,
-                    progress=False)
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "extraction" / "default.yaml"))
+    settings = {k: v for k, v in defaults.items() if k in fields and k != "device"}
+    settings["progress"] = False
     settings.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return ExtractionConfig(**settings)
 

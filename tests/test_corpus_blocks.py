@@ -56,3 +56,24 @@ def test_a_lost_block_is_extracted_again_with_the_cached_calibration(tiny_gpt2, 
 def test_more_blocks_than_windows_are_refused(tiny_gpt2, small_windows):
     with pytest.raises(ValueError, match="blocks"):
         extract_blocks(tiny_gpt2, small_windows, [LAYER], SETTINGS, None, small_windows.n_windows + 1, stats=SPEC)
+
+
+def test_saved_blocks_are_read_back_when_used_not_held(tiny_gpt2, small_windows, tmp_path):
+    """A job keeps no block in memory once it is cached: each access reads it back, and a replicate's
+    merge (every block but one) streams them; the analysed profile is read back from the cache too."""
+    from intraneuron.extraction.cache import CachedProfile
+    from intraneuron.extraction.shards import merge_profiles
+
+    merged, blocks = extract_blocks(tiny_gpt2, small_windows, [LAYER], SETTINGS, ProfileCache(tmp_path), 3,
+                                    stats=SPEC)  # fmt: skip
+    held = blocks[LAYER]
+    assert held.held == [None, None, None] and isinstance(merged[LAYER], CachedProfile)
+    assert held[1] is not held[1]  # loaded afresh at each access
+    loaded = []
+    streamed = merge_profiles(loaded.append(b) or b for b in held.without(0))
+    assert len(loaded) == 2
+    assert_same_profile(streamed, merge_profiles([held[1], held[2]]))
+    # without a writable cache the blocks stay in memory, and the merge is the same
+    _, in_memory = extract_blocks(tiny_gpt2, small_windows, [LAYER], SETTINGS, None, 3, stats=SPEC)
+    assert all(b is not None for b in in_memory[LAYER].held)
+    assert_same_profile(merge_profiles(in_memory[LAYER].without(0)), streamed)

@@ -9,14 +9,18 @@ passes, so every block is calibrated alike and the sample is forwarded once. The
 reads is the blocks' merge (`merge_profiles`: exact for counts, top-k and extremes, float sums to
 about 1e-7 relative), also saved under the whole key when that is absent, so later jobs without
 blocks reuse it.
+
+Memory: a saved block is dropped once saved and read back from the cache each time it is used
+(`BlockProfiles`), and the merge streams the blocks one at a time, so a job holds about one profile
+per layer beside the pass, as without blocks (G blocks of 30 layers held at once would not fit).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
-from intraneuron.extraction.cache import ProfileCache, cache_key
+from intraneuron.extraction.cache import CachedProfile, ProfileCache, cache_key
 from intraneuron.extraction.config import ExtractionConfig
 from intraneuron.extraction.engine import (
     ProgressCallback,
@@ -32,6 +36,32 @@ from intraneuron.extraction.shards import merge_profiles, shard_windows
 log = logging.getLogger(__name__)
 
 
+class BlockProfiles(Sequence):
+    """One layer's G block profiles in corpus order. A block saved to the cache is read back afresh
+    at each access (nothing is kept: a replicate's merge streams G - 1 of them through
+    `merge_profiles`); one the cache could not take is held in memory."""
+
+    def __init__(self, cache: ProfileCache | None, keys: list[str], held: list[ActivationProfile | None]):
+        self.cache, self.keys, self.held = cache, keys, held
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self.held[i] is not None:
+            return self.held[i]
+        profile = self.cache.load(self.keys[i])
+        if profile is None:
+            raise RuntimeError(f"block {i}: {self.cache.entry(self.keys[i])} was removed from the cache during the job")
+        return profile
+
+    def without(self, g: int) -> Iterator[ActivationProfile]:
+        """Every block but block g, loaded one at a time."""
+        return (self[j] for j in range(len(self)) if j != g)
+
+
 def block_key_fields(fields: dict, block: int, blocks: int) -> dict:
     """A block's key fields: the whole profile's plus its place among the job's blocks."""
     return {**fields, "interval_block": block, "interval_blocks": blocks}
@@ -40,7 +70,7 @@ def block_key_fields(fields: dict, block: int, blocks: int) -> dict:
 def extract_blocks(
     handle, windows, layers: list[int], settings: ExtractionConfig, cache: ProfileCache | None, blocks: int,
     stats: Iterable[str] | None = None, on_progress: ProgressCallback | None = None,
-) -> tuple[dict[int, ActivationProfile], dict[int, list[ActivationProfile]]]:
+) -> tuple[dict[int, ActivationProfile], dict[int, BlockProfiles]]:
     """(layer -> the merged profile, layer -> its `blocks` block profiles in corpus order)."""
     spec = check_before_pass(handle, windows, layers, settings, stats)
     n_windows = int(windows.ids.shape[0])
@@ -52,10 +82,14 @@ def extract_blocks(
         cache = None
     fields = {l: profile_key_fields(handle, windows, l, settings, spec) for l in layers}
     keys = {l: [cache_key(block_key_fields(fields[l], i, blocks)) for i in range(blocks)] for l in layers}
-    found: dict[int, list[ActivationProfile | None]] = {
-        l: [cache.load(k) if cache is not None else None for k in keys[l]] for l in layers
-    }
-    calibration = {l: c for l in layers if (c := _calibration(found[l])) is not None}
+    found: dict[int, list] = {l: [None] * blocks for l in layers}  # None: to extract
+    calibration: dict[int, Calibration] = {}
+    for layer in layers:
+        for i, key in enumerate(keys[layer]):  # each cached block verified (a damaged one is redone), not kept
+            if cache is not None and (cached := cache.load(key)) is not None:
+                found[layer][i] = _SAVED
+                if layer not in calibration and (fixed := _calibration([cached])) is not None:
+                    calibration[layer] = fixed
     sizes = [len(shard_windows(n_windows, i, blocks)) for i in range(blocks)]
     for i in range(blocks):
         todo = [l for l in layers if found[l][i] is None]
@@ -65,21 +99,29 @@ def extract_blocks(
         report = _offset(on_progress, sum(sizes[:i]), n_windows, i, blocks) if on_progress is not None else None
         passed = _run_planned(handle, windows, todo, settings, spec, report, window_range, calibration)
         for layer, profile, _ in passed:
-            if cache is not None and _save(cache, keys[layer][i], profile, block_key_fields(fields[layer], i, blocks)):
-                log.info("layer %d: block %d of %d saved to %s", layer, i, blocks, cache.entry(keys[layer][i]))
-            found[layer][i] = profile
             if layer not in calibration and (fixed := _calibration([profile])) is not None:
                 calibration[layer] = fixed
+            found[layer][i] = profile
+            if cache is not None and _save(cache, keys[layer][i], profile, block_key_fields(fields[layer], i, blocks)):
+                log.info("layer %d: block %d of %d saved to %s", layer, i, blocks, cache.entry(keys[layer][i]))
+                found[layer][i] = _SAVED  # read back when used
+    block_sets = {l: BlockProfiles(cache, keys[l], [None if b is _SAVED else b for b in found[l]]) for l in layers}
     merged = {}
     for layer in layers:
-        merged[layer] = merge_profiles(found[layer])
         whole = cache_key(fields[layer])
-        if cache is not None and not cache.entry(whole).exists():
-            _save(cache, whole, merged[layer], fields[layer])
+        if cache is not None and (hit := cache.load(whole)) is not None:
+            merged[layer] = hit
+            continue
+        merged[layer] = merge_profiles(iter(block_sets[layer]))
+        if cache is not None and _save(cache, whole, merged[layer], fields[layer]):
+            merged[layer] = CachedProfile(cache, whole, merged[layer].metadata())  # read back when analysed
     if on_progress is not None:
         total = n_windows * (windows.window_len - settings.skip_first_positions)
         on_progress(total, total)
-    return merged, {l: list(found[l]) for l in layers}
+    return merged, block_sets
+
+
+_SAVED = object()  # a block saved to the cache, not held
 
 
 def _calibration(profiles: list[ActivationProfile | None]) -> Calibration | None:

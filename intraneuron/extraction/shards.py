@@ -13,6 +13,8 @@ Shard i of n holds windows [i * W // n, (i + 1) * W // n): the sizes differ by a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from intraneuron.extraction.profile import ActivationProfile
@@ -46,38 +48,44 @@ def shard_windows(n_windows: int, shard: int, shards: int) -> range:
     return range(shard * n_windows // shards, (shard + 1) * n_windows // shards)
 
 
-def merge_profiles(partials: list[ActivationProfile]) -> ActivationProfile:
+def merge_profiles(partials: Iterable[ActivationProfile]) -> ActivationProfile:
     """One profile from the partial profiles of one layer over disjoint window ranges.
 
     The stats are rebuilt from each partial's tensors and merged (CombinedStat.merge); the top-k
     token ids ([D, K], also of the pseudo-neurons) are looked up by position in the partials' own
     top-k, which hold every kept occurrence with the id the pass read from the corpus, so no corpus
-    is needed here. n_tokens is the partials' sum.
+    is needed here. n_tokens is the partials' sum. `partials` is consumed once, in order: a
+    generator that loads each partial as it comes (extraction/blocks.py) holds one at a time beside
+    the merge, plus the partials' top-k ([D, K] each).
     """
-    if not partials:
-        raise ValueError("merge_profiles needs at least one partial profile")
-    first = partials[0]
-    for other in partials[1:]:
-        if (other.layer, other.site, other.input_site, other.window_len) != (
-            first.layer, first.site, first.input_site, first.window_len
-        ):
+    merged, first, n_tokens = None, None, 0
+    topk: dict[str, tuple[list, list]] = {p: ([], []) for p in ("", "pseudo.")}
+    for partial in partials:
+        where = (partial.layer, partial.site, partial.input_site, partial.window_len)
+        if first is None:
+            first, meta = where, partial.metadata()
+        elif where != first:
             raise ValueError(f"cannot merge profiles of different layers, sites or window lengths: "
-                             f"{first.metadata()} and {other.metadata()}")  # fmt: skip
-    merged = CombinedStat.load_state_dict(first.tensors)
-    for other in partials[1:]:
-        merged.merge(CombinedStat.load_state_dict(other.tensors))
+                             f"{meta} and {partial.metadata()}")  # fmt: skip
+        stat = CombinedStat.load_state_dict(partial.tensors)
+        merged = stat if merged is None else merged
+        if stat is not merged:
+            merged.merge(stat)
+        for p, (positions, ids) in topk.items():
+            if f"{p}topk_positions" in partial.tensors:
+                positions.append(partial.tensors[f"{p}topk_positions"])
+                ids.append(partial.tensors[f"{p}topk_token_ids"])
+        n_tokens += partial.n_tokens
+    if merged is None:
+        raise ValueError("merge_profiles needs at least one partial profile")
     tensors = {k: v.cpu() for k, v in merged.state_dict().items()}
-    for p in ("", "pseudo."):
+    for p, (positions, ids) in topk.items():
         if f"{p}topk_positions" in tensors:
-            tensors[f"{p}topk_token_ids"] = _token_ids_at(
-                tensors[f"{p}topk_positions"],
-                torch.cat([q.tensors[f"{p}topk_positions"] for q in partials], 1),
-                torch.cat([q.tensors[f"{p}topk_token_ids"] for q in partials], 1),
-            )
-    return ActivationProfile(
-        layer=first.layer, site=first.site, input_site=first.input_site, window_len=first.window_len,
-        n_tokens=sum(q.n_tokens for q in partials), tensors=tensors,
-    )
+            tensors[f"{p}topk_token_ids"] = _token_ids_at(tensors[f"{p}topk_positions"], torch.cat(positions, 1),
+                                                          torch.cat(ids, 1))  # fmt: skip
+    layer, site, input_site, window_len = first
+    return ActivationProfile(layer=layer, site=site, input_site=input_site, window_len=window_len,
+                             n_tokens=n_tokens, tensors=tensors)  # fmt: skip
 
 
 def _token_ids_at(positions: torch.Tensor, known_positions: torch.Tensor, known_ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -198,7 +199,7 @@ class TwoFoldAnalysis(Analysis):
             log.info("layer %d neuron %d skipped: %s", layer, skipped.neuron, skipped.skipped)
         return self._result(layer, tables, metrics)
 
-    def _intervals(self, job: Job, layer: int, blocks: list, tables: dict, metrics: dict) -> dict[str, float]:
+    def _intervals(self, job: Job, layer: int, blocks: Sequence, tables: dict, metrics: dict) -> dict[str, float]:
         """The headline fractions' corpus intervals (intervals.py) and what they cost."""
         def analyse(profile, ids, pseudo):
             label = f"{'pseudo-neurons' if pseudo else 'neurons'} layer {layer}, interval replicate"

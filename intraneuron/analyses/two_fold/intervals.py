@@ -37,6 +37,7 @@ from intraneuron.analyses.two_fold.geometry_null import (
     self_calibration,
 )
 from intraneuron.analyses.two_fold.rows import blank, column
+from intraneuron.extraction.blocks import BlockProfiles
 from intraneuron.stats.jackknife import FractionReplicates, fraction_intervals
 
 # fraction -> (its pseudo-neurons' value, the excess): the metric keys of aggregate_layer
@@ -98,7 +99,7 @@ def indicators(rows: pd.DataFrame, key: str, p: np.ndarray | None, threshold: fl
 
 
 def layer_intervals(
-    analyse: Analyse, blocks: list, rows: pd.DataFrame, pseudo_rows: pd.DataFrame | None, metrics: dict[str, float],
+    analyse: Analyse, blocks: BlockProfiles, rows: pd.DataFrame, pseudo_rows: pd.DataFrame | None, metrics: dict[str, float],
     *, n: int, seed: int, layer: int, alpha: float, min_null: int, match: int,
 ) -> dict[str, float]:  # fmt: skip
     """The interval metrics (interval_keys) of one layer: rows, pseudo_rows and metrics are the full
@@ -116,7 +117,7 @@ def layer_intervals(
     pseudo_cut = {key: bh_threshold(p, alpha) if p is not None else np.nan for key, p in full_pp.items()}
     reps, pseudo_reps = {k: [] for k in FRACTIONS}, {k: [] for k in FRACTIONS}
     for g in range(len(blocks)):
-        profile = merge_profiles([b for j, b in enumerate(blocks) if j != g])
+        profile = merge_profiles(blocks.without(g))  # streamed: one block in memory at a time
         rep = analyse(profile, ids, False)
         for key in FRACTIONS:
             reps[key].append(indicators(rep, key, _p(rep, key, pseudo_rows, min_null, match), cut[key]))
@@ -136,7 +137,7 @@ def layer_intervals(
     return out
 
 
-def timed_layer_intervals(analyse: Analyse, blocks: list, *args, **kwargs) -> dict[str, float]:
+def timed_layer_intervals(analyse: Analyse, blocks: BlockProfiles, *args, **kwargs) -> dict[str, float]:
     """layer_intervals, plus how many blocks it used and its seconds (`intervals/blocks`, `/seconds`)."""
     started = time.perf_counter()
     found = layer_intervals(analyse, blocks, *args, **kwargs)
