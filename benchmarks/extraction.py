@@ -3,7 +3,10 @@
 The main job (`make run`: analysis=two_fold on SmolLM2-135M) extracts every statistic the two-fold
 analysis reads: top-k, per-type and per-half (fold) tables, moments, histograms, the layer input
 per type (hook_resid_mid) and the pseudo-neurons with those statistics, skipping window position 0.
-This script measures exactly that (`--stats five` measures the older five-statistic set instead).
+This script measures exactly that (`--stats five` measures the older five-statistic set instead),
+as the main job extracts it: the corpus in `analysis.interval_blocks` contiguous blocks (its corpus
+intervals), one pass per block, each block and their merge saved to a temporary profile cache
+(`--interval-blocks 0`: one pass, nothing saved).
 
 Each side runs in a fresh process (so its peak RSS is its own), sides alternate `--rounds` times and
 the ratio is the median of the paired rounds:
@@ -22,7 +25,7 @@ measured peak RSS (the check of the estimate). With `--whole-keys` they extract 
 that hold every (token type, half) key of the whole corpus once (`_common.key_complete`): tables, plan
 and peak memory are the whole corpus's, at the cost of about 36k tokens.
 
-Usage: python benchmarks/extraction.py [--layers 0 15] [--tokens 32768] [--rounds 2]
+Usage: python benchmarks/extraction.py [--layers 0 15] [--tokens 32768] [--rounds 2] [--interval-blocks 0]
        python benchmarks/extraction.py --scale [--tokens 65536 | --whole-keys] [--memory-gb 8]
        python benchmarks/extraction.py --all-layers [--tokens 65536 | --whole-keys] [--memory-gb 8]
 """
@@ -64,6 +67,15 @@ def main_job_settings(**overrides) -> ExtractionConfig:
     settings["progress"] = False
     settings.update({k: v for k, v in overrides.items() if v is not None and k in fields})
     return ExtractionConfig(**settings)
+
+
+def main_job_blocks() -> int:
+    """conf/analysis/two_fold.yaml's interval_blocks: the corpus blocks the main job extracts."""
+    from omegaconf import OmegaConf
+
+    from intraneuron.paths import CONF_DIR
+
+    return int(OmegaConf.load(CONF_DIR / "analysis" / "two_fold.yaml").interval_blocks)
 
 
 def peak_rss_mb() -> float:
@@ -137,7 +149,15 @@ def probe(args) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         lens_forward(bridge, sub, args.batch_size, args.layer)
     else:
-        extract_profiles(handle, sub, [args.layer], settings, cache=None, stats=stats)
+        blocks = main_job_blocks() if args.interval_blocks is None else args.interval_blocks
+        if blocks:  # the main job's own extraction: G block passes, each block and the merge saved
+            from intraneuron.extraction.blocks import extract_blocks
+            from intraneuron.extraction.cache import ProfileCache
+
+            with tempfile.TemporaryDirectory() as folder:
+                extract_blocks(handle, sub, [args.layer], settings, ProfileCache(Path(folder)), blocks, stats=stats)
+        else:
+            extract_profiles(handle, sub, [args.layer], settings, cache=None, stats=stats)
     print(json.dumps({
         "seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu,
         "tokens": sub.n_tokens, "peak_rss_mb": peak_rss_mb(),
@@ -149,6 +169,8 @@ def run_probe(side: str, layer: int, args) -> dict:
            "--batch-size", str(args.batch_size), "--stats", args.stats]
     if args.pseudo_neurons is not None:
         cmd += ["--pseudo-neurons", str(args.pseudo_neurons)]
+    if args.interval_blocks is not None:
+        cmd += ["--interval-blocks", str(args.interval_blocks)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
@@ -160,7 +182,8 @@ def paired(args) -> None:
     print(f"model smollm2-135m ({handle.n_layers} layers, d_mlp {handle.d_mlp}), {args.tokens} tokens, "
           f"batch {args.batch_size} x {windows.window_len}, torch threads {torch.get_num_threads()}, "
           f"stats: {'main job (' + ', '.join(STAT_NAMES) + ')' if args.stats == 'main' else ', '.join(FIVE_STATS)}, "
-          f"pseudo-neurons {args.pseudo_neurons or main_job_settings().pseudo_neurons}")
+          f"pseudo-neurons {args.pseudo_neurons or main_job_settings().pseudo_neurons}, corpus blocks "
+          f"{main_job_blocks() if args.interval_blocks is None else args.interval_blocks} (0: one pass, nothing saved)")
     del handle
     try:
         import transformer_lens  # noqa: F401
@@ -255,6 +278,8 @@ def main() -> None:
     parser.add_argument("--stats", choices=("main", "five"), default="main")
     parser.add_argument("--pseudo-neurons", type=int, default=None)
     parser.add_argument("--memory-gb", type=float, default=8.0)
+    parser.add_argument("--interval-blocks", type=int, default=None, help="the engine's corpus blocks (default: "
+                        "the main job's analysis.interval_blocks; each block and the merge saved to a temporary cache)")
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--all-layers", action="store_true")
     parser.add_argument("--whole-keys", action="store_true", help="--scale, --all-layers: extract over windows "

@@ -219,9 +219,14 @@ def test_each_child_logs_exactly_its_declared_headline_metrics(sweep):
         headline = tags[HEADLINE_TAG].split(",")
         assert headline and all(headline)
         keys = [m["key"] for m in child["data"].get("metrics", [])]
-        assert {k for k in keys if k.startswith(f"L{LAYER}/")} == {
-            layer_metric(LAYER, n) for n in headline
-        }
+        # the headlines, and beside them only their companions: the pseudo-neurons' value, the
+        # excess over it and the corpus intervals of the three
+        companions = {f"{n}{part}{bound}" for n in headline for part in ("", "_pseudo", "_excess")
+                      for bound in ("", "_ci_low", "_ci_high")}  # fmt: skip
+        layer_keys = {k for k in keys if k.startswith(f"L{LAYER}/")}
+        assert {layer_metric(LAYER, n) for n in headline} <= layer_keys
+        assert layer_keys <= {layer_metric(LAYER, n) for n in companions}
+        assert any(k.endswith("_excess") for k in layer_keys)  # (intervals: off in this sweep, BASE)
         # the other layer aggregates are in the summary table, not metrics
         assert not any(k.startswith("layer_") for k in keys)
 

@@ -93,7 +93,10 @@ def check_sweep(cwd: Path, done, layers: list[int], clusterers: list[str]) -> No
         assert len(tags[f"cache_key.layer_{layer}"]) == 32
         metrics = child.data.metrics
         headline = [name for name in tags["intraneuron.headline"].split(",")]
-        assert {k for k in metrics if k.startswith(f"L{layer}/")} == {f"L{layer}/{n}" for n in headline}
+        logged = {k for k in metrics if k.startswith(f"L{layer}/")}
+        assert {f"L{layer}/{n}" for n in headline} <= logged  # and beside them only their companions:
+        assert logged <= {f"L{layer}/{n}{part}{bound}" for n in headline for part in ("", "_pseudo", "_excess")
+                          for bound in ("", "_ci_low", "_ci_high")}  # null value, excess, intervals  # fmt: skip
         assert not any(k.startswith("layer_") for k in metrics)  # the rest is in the summary table
         summary = load_summary(client, child.info.run_id, layer)
         assert summary["neurons/n"] == 32

@@ -74,7 +74,7 @@ def runs_table(runs: list) -> pd.DataFrame:
     rows = [
         {"run_name": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status,
          **{k: r.data.params.get(k) for k in swept},
-         **{k: v for k, v in r.data.metrics.items() if _HEADLINE.match(k)}}
+         **{k: v for k, v in r.data.metrics.items() if _is_headline(k, r)}}
         for r in runs
     ]  # fmt: skip
     metrics = _order_metrics({k for row in rows for k in row if _HEADLINE.match(k)}, runs)
@@ -198,6 +198,15 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str, order_
         token = page.token
         if not token:
             return runs
+
+
+def _is_headline(metric: str, run) -> bool:
+    """An `L<l>/<name>` metric whose name the run's analysis declared a headline (its tag): not the
+    companions logged beside them (a headline's pseudo-neurons' value, excess and interval)."""
+    if not (match := _HEADLINE.match(metric)):
+        return False
+    declared = run.data.tags.get(HEADLINE_TAG)
+    return declared is None or match.group(2) in declared.split(",")
 
 
 def _job_num(run) -> int:
