@@ -172,7 +172,8 @@ def load_summary(client, run_id: str, layer: int) -> dict[str, float]:
 
 
 def layer_metrics(run, layer: int) -> dict[str, float]:
-    """A layer's headline metrics of an MLflow Run, without the "L<l>/" prefix."""
+    """A layer's headline metrics of an MLflow Run and their companions (pseudo value, excess,
+    intervals), without the "L<l>/" prefix."""
     prefix = layer_metric(layer, "")
     return {key.removeprefix(prefix): value for key, value in run.data.metrics.items() if key.startswith(prefix)}
 
