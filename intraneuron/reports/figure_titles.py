@@ -17,7 +17,7 @@ import textwrap
 from collections.abc import Iterable
 
 SEPARATOR = " · "
-CHARS_PER_INCH = 12  # of a suptitle at matplotlib's default size: where a title line is wrapped
+CHARS_PER_INCH = 10  # of a suptitle at matplotlib's default size (12 pt: about 11 per inch): where a line wraps
 
 
 def heading(model: str, layers: int | Iterable[int], analysis: str, setting: str = "", neuron: int | None = None) -> str:
@@ -37,7 +37,7 @@ def stamp(fig, line: str):
     if line:
         own = fig.get_suptitle()
         fig.intraneuron_title = f"{line}\n{own}" if own else line
-        wrapped = textwrap.fill(line, width=max(40, int(fig.get_figwidth() * CHARS_PER_INCH)))
+        wrapped = textwrap.fill(line, width=max(20, int(fig.get_figwidth() * CHARS_PER_INCH)))
         fig.suptitle(f"{wrapped}\n{own}" if own else wrapped)
     return fig
 
